@@ -1,0 +1,5 @@
+import sys
+
+from dualsft.cli import main
+
+sys.exit(main())

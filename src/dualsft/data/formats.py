@@ -1,0 +1,258 @@
+"""Read instruction data in any supported schema, format it with a template, and tokenise with
+response-only labels.
+
+Schemas (detected per record, first match wins):
+    messages                 chat list of {"role", "content"}; the LAST assistant turn is the response
+    instruction / response   Magicoder; Alpaca's optional ``input`` is appended to the instruction
+    instruction / output     Alpaca
+    prompt / completion      completion style
+    question / answer        reasoning-gym items as written by ``dualsft data build``
+Every example keeps ``index``: its position in the source file (0-based, blank lines skipped),
+which survives every later stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dualsft.errors import DataFormatError, EmptyResponseError
+from dualsft.io import iter_jsonl
+from dualsft.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+Template = Literal["chat", "plain"]
+SCHEMAS = ("messages", "instruction/response", "instruction/output", "prompt/completion", "question/answer")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One normalised instruction/response pair.
+
+    ``messages`` holds the prompt-side chat turns (system/user/earlier assistant) and ``response`` the
+    final assistant text. ``record`` is the original object, kept for outputs and answer scoring.
+    """
+
+    index: int
+    messages: tuple[tuple[str, str], ...]
+    response: str
+    record: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as plain text (user turns joined by newlines)."""
+        return "\n".join(content for _, content in self.messages)
+
+
+def normalise_record(obj: dict[str, Any], where: str, index: int) -> Example:
+    """Map one raw record onto an Example; ``where`` (e.g. ``file:line``) goes into every error."""
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataFormatError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        turns = []
+        for m in msgs:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataFormatError(f"{where}: each message needs 'role' and 'content', got {m!r:.80}")
+            turns.append((str(m["role"]), str(m["content"])))
+        if turns[-1][0] != "assistant":
+            raise DataFormatError(f"{where}: the last message must be the assistant's response, got role {turns[-1][0]!r}")
+        return Example(index, tuple(turns[:-1]), turns[-1][1], obj)
+    pairs = (("instruction", "response"), ("instruction", "output"), ("prompt", "completion"), ("question", "answer"))
+    for p, r in pairs:
+        if p in obj and r in obj:
+            prompt = str(obj[p])
+            if p == "instruction" and obj.get("input"):
+                prompt = f"{prompt}\n{obj['input']}"
+            turns = ((("system", str(obj["system"])),) if obj.get("system") else ()) + (("user", prompt),)
+            return Example(index, turns, str(obj[r]), obj)
+    present = sorted(obj)[:8]
+    missing = _closest_missing(obj)
+    raise DataFormatError(
+        f"{where}: unknown schema (fields {present}); {missing}. "
+        f"Supported: {', '.join(SCHEMAS)}"
+    )
+
+
+def _closest_missing(obj: dict[str, Any]) -> str:
+    for p, r in (("instruction", "response"), ("prompt", "completion"), ("question", "answer")):
+        if p in obj:
+            return f"field {r!r} is missing"
+        if r in obj:
+            return f"field {p!r} is missing"
+    return "no prompt/response field pair found"
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Read a JSONL, JSON (list of objects) or saved HF ``datasets`` folder into Examples.
+
+    Raises DataFormatError naming the file and line (JSONL) or item (JSON) of the first bad record,
+    and on an empty file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(f"data file {path} does not exist")
+    if path.is_dir():
+        records = [(f"{path}[{i}]", r) for i, r in enumerate(_load_hf_dataset(path))]
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataFormatError(f"{path}: a .json data file must hold a list of objects")
+        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    else:
+        records = [(f"{path}:{ln}", r) for ln, r in iter_jsonl(path)]
+    if not records:
+        raise DataFormatError(f"{path}: no examples in the file")
+    out = []
+    for i, (where, r) in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataFormatError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        out.append(normalise_record(r, where, i))
+    return out
+
+
+def _load_hf_dataset(path: Path) -> list[dict]:
+    try:
+        import datasets  # optional dependency
+    except ImportError as e:
+        raise DataFormatError(f"{path} is a folder; reading a saved HF dataset needs `pip install datasets`") from e
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return [dict(r) for r in ds]
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and labels of one example. labels[t] = -100 on prompt tokens."""
+
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def n_response_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, str]:
+    """Return (prompt_text, full_text) with full_text = prompt_text + response (+ end marker)."""
+    if template == "plain":
+        prompt = example.prompt_text + "\n"
+        eos = tokenizer.eos_token or ""
+        return prompt, prompt + example.response + eos
+    if template == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataFormatError("--template chat needs a tokenizer with a chat template; use --template plain")
+        msgs = [{"role": r, "content": c} for r, c in example.messages]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": example.response}], tokenize=False)
+        if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to concatenation
+            full = prompt + example.response + (tokenizer.eos_token or "")
+        return prompt, full
+    raise DataFormatError(f"unknown template {template!r}: use 'chat' or 'plain'")
+
+
+def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int) -> TokenizedExample:
+    """Tokenise with labels on response tokens only, truncating (from the right) to max_length."""
+    prompt, full = render(example, tokenizer, template)
+    # Tokenise prompt and full text the same way; the prompt's tokens are a prefix of the full text's
+    # for BPE tokenisers when the boundary is a newline/special token. We trust the prefix length.
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and template == "plain" and getattr(tokenizer, "add_bos_token", False):
+        p_ids, f_ids = [tokenizer.bos_token_id] + p_ids, [tokenizer.bos_token_id] + f_ids
+    n_prompt = _common_prefix(p_ids, f_ids)
+    labels = [IGNORE_INDEX] * n_prompt + f_ids[n_prompt:]
+    truncated = len(f_ids) > max_length
+    return TokenizedExample(example.index, f_ids[:max_length], labels[:max_length], truncated)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer: Any,
+    template: Template = "chat",
+    max_length: int = 512,
+    drop_empty: bool = False,
+    source: str = "data",
+) -> list[TokenizedExample]:
+    """Tokenise a list; report truncation; reject (or drop, if ``drop_empty``) examples without response tokens.
+
+    Raises EmptyResponseError listing the stable indices of examples with no response token.
+    """
+    if max_length < 2:
+        raise DataFormatError(f"--max-length must be at least 2, got {max_length}")
+    toks = [tokenize_example(e, tokenizer, template, max_length) for e in examples]
+    n_trunc = sum(t.truncated for t in toks)
+    if n_trunc:
+        log.info("%s: %d of %d examples truncated to %d tokens", source, n_trunc, len(toks), max_length)
+    empty = [t.index for t in toks if t.n_response_tokens == 0]
+    if empty and not drop_empty:
+        raise EmptyResponseError(
+            f"{source}: {len(empty)} example(s) have no response tokens after formatting/truncation "
+            f"(indices {empty[:20]}{'...' if len(empty) > 20 else ''}); raise --max-length, fix the data, "
+            f"or pass --drop-empty to skip them",
+            empty,
+        )
+    if empty:
+        log.warning("%s: dropped %d example(s) with no response tokens: indices %s", source, len(empty), empty[:20])
+        toks = [t for t in toks if t.n_response_tokens > 0]
+    if not toks:
+        raise EmptyResponseError(f"{source}: no example left with response tokens", empty)
+    return toks
+
+
+def collate(batch: list[TokenizedExample], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a list of TokenizedExample into tensors.
+
+    Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (IGNORE_INDEX on padding),
+    index [B] (stable example indices).
+    """
+    T = max(len(t.input_ids) for t in batch)
+    ids, att, lab = [], [], []
+    for t in batch:
+        pad = T - len(t.input_ids)
+        if padding_side == "right":
+            ids.append(t.input_ids + [pad_token_id] * pad)
+            att.append([1] * len(t.input_ids) + [0] * pad)
+            lab.append(t.labels + [IGNORE_INDEX] * pad)
+        else:
+            ids.append([pad_token_id] * pad + t.input_ids)
+            att.append([0] * pad + [1] * len(t.input_ids))
+            lab.append([IGNORE_INDEX] * pad + t.labels)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.tensor(att, dtype=torch.long),
+        "labels": torch.tensor(lab, dtype=torch.long),
+        "index": torch.tensor([t.index for t in batch], dtype=torch.long),
+    }
+
+
+def batches(
+    toks: list[TokenizedExample], batch_size: int, pad_token_id: int, sort_by_length: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Split into collated batches in order (or length-sorted, to waste less padding; indices travel along)."""
+    order = sorted(range(len(toks)), key=lambda i: len(toks[i].input_ids)) if sort_by_length else range(len(toks))
+    seq = [toks[i] for i in order]
+    return [collate(seq[i : i + batch_size], pad_token_id) for i in range(0, len(seq), batch_size)]

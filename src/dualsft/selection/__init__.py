@@ -1,0 +1,1 @@
+"""Selection: turning saved scores into a data subset and a parameter mask."""

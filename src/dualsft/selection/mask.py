@@ -1,0 +1,87 @@
+"""The saved mask format and helpers to apply it in any training loop.
+
+``mask.safetensors`` holds, per parameter name (as in ``model.named_parameters()``, tied weights once),
+a 1-D tensor of SORTED flat indices into ``param.view(-1)`` of the selected entries: int32 when the
+tensor has fewer than 2**31 entries, else int64. A parameter with no selected entry is absent.
+Safetensors metadata: ``{"format": "dualsft-mask-v1", "shapes": json {name: shape}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from dualsft.errors import ArtifactError
+from dualsft.io import load_tensors, save_tensors
+
+MASK_FORMAT = "dualsft-mask-v1"
+
+
+def compact_indices(flat_idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sorted flat indices in the smallest safe integer type (int32 below 2**31 entries)."""
+    idx = torch.sort(flat_idx.flatten().to(torch.int64)).values
+    return idx.to(torch.int32) if numel < 2**31 else idx
+
+
+def dense_to_indices(mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: bool mask shaped like the weight} -> {name: sorted compact flat indices} (empty ones dropped)."""
+    out = {}
+    for name, m in mask.items():
+        idx = torch.nonzero(m.flatten(), as_tuple=False).flatten()
+        if idx.numel():
+            out[name] = compact_indices(idx, m.numel())
+    return out
+
+
+def indices_to_dense(idx: torch.Tensor, shape: tuple[int, ...] | torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sorted flat indices -> bool mask of ``shape``."""
+    m = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.bool, device=device)
+    m[idx.to(device=device, dtype=torch.int64)] = True
+    return m.view(shape)
+
+
+def save_mask(path: str | os.PathLike, indices: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Write the mask (indices per parameter) with the shapes it applies to."""
+    meta = {"format": MASK_FORMAT, "shapes": json.dumps({k: list(v) for k, v in shapes.items()})}
+    save_tensors(path, dict(indices), metadata=meta)
+
+
+def load_mask(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Read a mask: ({name: int64 sorted flat indices}, {name: shape of the full parameter})."""
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != MASK_FORMAT:
+        raise ArtifactError(f"{path} is not a dualsft mask (format {meta.get('format')!r})")
+    shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+    return {k: v.to(torch.int64) for k, v in tensors.items()}, shapes
+
+
+def check_mask_matches(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a mask made for another architecture: every name must exist with the same shape."""
+    params = dict(model.named_parameters())
+    for name, shape in shapes.items():
+        if name not in params:
+            raise ArtifactError(f"mask names parameter {name!r}, which this model does not have")
+        if tuple(params[name].shape) != tuple(shape):
+            raise ArtifactError(f"mask shape for {name!r} is {tuple(shape)}, the model's is {tuple(params[name].shape)}")
+
+
+def apply_mask_to_grads(model: torch.nn.Module, indices: dict[str, torch.Tensor]) -> None:
+    """For use in your own loop, after backward(): zero every gradient entry outside the mask.
+
+    Parameters absent from the mask get ``grad = None``. (This is the simple, dense way: it saves no
+    memory; ``dualsft train`` keeps optimizer state only for the selected entries.)
+    """
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name not in indices:
+            p.grad = None
+            continue
+        keep = indices_to_dense(indices[name], p.shape, p.grad.device)
+        p.grad.mul_(keep)
