@@ -114,12 +114,20 @@ def load_examples(path: str | Path) -> list[Example]:
         records = [(f"{path}:{ln}", r) for ln, r in iter_jsonl(path)]
     if not records:
         raise DataFormatError(f"{path}: no examples in the file")
-    out = []
-    for i, (where, r) in enumerate(records):
+    for where, r in records:
         if not isinstance(r, dict):
             raise DataFormatError(f"{where}: expected a JSON object, got {type(r).__name__}")
-        out.append(normalise_record(r, where, i))
-    return out
+    indices = _stable_indices([r for _, r in records])
+    return [normalise_record(r, where, i) for (where, r), i in zip(records, indices)]
+
+
+def _stable_indices(records: list[dict]) -> list[int]:
+    """Positions in the file, unless EVERY record carries a distinct integer ``index`` field (as files
+    written by dualsft do, e.g. ``selection/subset.jsonl``): then those, so indices survive re-reading."""
+    given = [r.get("index") for r in records]
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in given) and len(set(given)) == len(given):
+        return given  # type: ignore[return-value]
+    return list(range(len(records)))
 
 
 def _load_hf_dataset(path: Path) -> list[dict]:
