@@ -117,7 +117,9 @@ def load_tokenizer(model: str | None) -> Any:
     return tok
 
 
-def load_model(model: str | None, dtype: str = "auto", device: str = "auto", attn_implementation: str | None = "eager") -> torch.nn.Module:
+def load_model(
+    model: str | None, dtype: str = "auto", device: str = "auto", attn_implementation: str | None = "eager"
+) -> torch.nn.Module:
     """Load a causal LM in eval mode on the resolved device/dtype.
 
     ``attn_implementation="eager"`` is the default because forward-mode AD (the JVP scorer) has no rule
