@@ -1,0 +1,177 @@
+"""Per-example weight gradients of linear layers, one layer at a time, inside ONE batched backward.
+
+For a linear map o_t = W a_t + b (nn.Linear, W [out, in]) the gradient of example n's loss is
+
+    g_n(W) = Σ_t e_{n,t} a_{n,t}ᵀ      e = ∂l_n/∂o  [B, T, out],  a = layer input [B, T, in]
+    g_n(b) = Σ_t e_{n,t}
+
+(GPT-2's Conv1D stores W as [in, out]: g_n(W) = Σ_t a_{n,t} e_{n,t}ᵀ). A forward hook keeps a; a hook on
+the layer output receives e (rows of ∂(Σ_n l_n)/∂o are exactly ∂l_n/∂o because examples do not interact in
+eval mode) and hands ``einsum('bto,bti->boi', e, a)`` [B, *W.shape] to a callback, which must reduce it
+(precondition + project) before the next layer's arrives: at most one layer's per-example gradients exist
+at a time. The weights are frozen for the pass (embedding outputs become the differentiable leaves), so
+the backward computes activation gradients only, never a dense weight gradient.
+
+Covered: nn.Linear and transformers' Conv1D whose weight is not shared with an embedding (a tied LM head's
+gradient also has an embedding part that is not covered here). Embeddings, norms and the LM head are
+excluded: see docs/baselines.md. ``per_example_grads_loop`` is the slow oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from dualsft.errors import ConfigError
+from dualsft.losses import per_example_loss
+
+Batch = dict[str, torch.Tensor]
+# callback(parameter name, per-example gradients [B, *param.shape])
+GradCallback = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One featurised layer: its module, kind ('linear' | 'conv1d') and parameter names (None if frozen)."""
+
+    module_name: str
+    module: torch.nn.Module
+    kind: str
+    weight: str | None
+    bias: str | None
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[Layer]:
+    """Linear / Conv1D layers that own a trainable parameter, in module order.
+
+    The output head (``model.get_output_embeddings()``) is excluded unless ``include_head``; a head whose
+    weight is tied to an embedding is always excluded (its per-example gradient has an embedding term).
+    """
+    conv1d = _conv1d_type()
+    names = {}
+    for n, p in model.named_parameters():
+        names.setdefault(id(p), n)
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            kind = "linear"
+        elif conv1d is not None and isinstance(mod, conv1d):
+            kind = "conv1d"
+        else:
+            continue
+        if id(mod.weight) in emb_ids or (mod is head and not include_head):
+            continue
+        w = names[id(mod.weight)] if mod.weight.requires_grad else None
+        b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) else None
+        bname = names[id(b)] if b is not None and b.requires_grad else None
+        if w or bname:
+            layers.append(Layer(mname, mod, kind, w, bname))
+    return layers
+
+
+def layer_grads(layer: Layer, a: torch.Tensor, e: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, per-example gradient [B, *param.shape]) for the weight and bias of ``layer``.
+
+    a: layer input [B, ..., in]; e: ∂(Σ_n l_n)/∂output [B, ..., out].
+    """
+    B = e.shape[0]
+    a = a.reshape(B, -1, a.shape[-1]).to(e.dtype)
+    e = e.reshape(B, -1, e.shape[-1])
+    if layer.weight is not None:
+        spec = "bto,bti->boi" if layer.kind == "linear" else "bto,bti->bio"
+        yield layer.weight, torch.einsum(spec, e, a)
+    if layer.bias is not None:
+        yield layer.bias, e.sum(1)
+
+
+@contextmanager
+def _frozen_with_leaf_embeddings(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Freeze every parameter; embedding outputs become leaves requiring grad (collected in the list)."""
+    leaves: list[torch.Tensor] = []
+
+    def make_leaf(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    handles = [m.register_forward_hook(make_leaf) for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        yield leaves
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def backward_per_example(model: torch.nn.Module, inputs: Batch, layers: Sequence[Layer],
+                         callback: GradCallback) -> torch.Tensor:
+    """One forward + one backward of Σ_n l_n over the batch; for every layer in ``layers`` the callback
+    receives each parameter's per-example gradients [B, *shape] during the backward. Returns l [B] (detached).
+
+    Raises ConfigError if a featurised layer runs twice in one forward (its per-example gradient would
+    arrive in parts, and the callback's preconditioning is nonlinear).
+    """
+    calls: dict[int, int] = {}
+
+    def forward_hook(layer: Layer) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            calls[id(module)] = calls.get(id(module), 0) + 1
+            if calls[id(module)] > 1:
+                raise ConfigError(f"layer {layer.module_name!r} runs twice in one forward; per-example "
+                                  "gradient featurisation needs each layer used once (exclude it)")
+            if not output.requires_grad:
+                return
+            a = args[0].detach()
+
+            def on_grad(e: torch.Tensor) -> None:
+                for name, g in layer_grads(layer, a, e.detach()):
+                    callback(name, g)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    with _frozen_with_leaf_embeddings(model) as leaves:
+        handles = [ly.module.register_forward_hook(forward_hook(ly)) for ly in layers]
+        try:
+            losses = per_example_loss(model, inputs)  # [B]
+            if leaves:
+                torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+    return losses.detach()
+
+
+def per_example_grads_loop(model: torch.nn.Module, inputs: Batch, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """THE ORACLE: one backward per example, each example alone with its padding removed.
+
+    Returns {name: [B, *param.shape]} for the named parameters. O(B) backward passes: for tests only.
+    """
+    params = dict(model.named_parameters())
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for i in range(inputs["input_ids"].shape[0]):
+        keep = inputs["attention_mask"][i].bool()
+        one = {k: inputs[k][i][keep].unsqueeze(0) for k in ("input_ids", "attention_mask", "labels")}
+        loss = per_example_loss(model, one).sum()
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            out[n].append(torch.zeros_like(params[n]) if g is None else g)
+    return {n: torch.stack(v) for n, v in out.items()}
