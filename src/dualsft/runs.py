@@ -41,12 +41,11 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of dualsft and the libraries whose numerics matter."""
-    import torch
-    import transformers
+    from importlib.metadata import version  # no import of transformers itself: that costs seconds
 
     from dualsft import __version__
 
-    return {"dualsft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"dualsft": __version__, "torch": version("torch"), "transformers": version("transformers"),
             "python": platform.python_version()}
 
 

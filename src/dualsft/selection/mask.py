@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -19,9 +20,12 @@ from dualsft.io import load_tensors, save_tensors
 MASK_FORMAT = "dualsft-mask-v1"
 
 
-def compact_indices(flat_idx: torch.Tensor, numel: int) -> torch.Tensor:
-    """Sorted flat indices in the smallest safe integer type (int32 below 2**31 entries)."""
-    idx = torch.sort(flat_idx.flatten().to(torch.int64)).values
+def compact_indices(flat_idx: torch.Tensor, numel: int, presorted: bool = False) -> torch.Tensor:
+    """Sorted flat indices in the smallest safe integer type (int32 below 2**31 entries).
+
+    ``presorted=True`` skips the sort for indices already ascending (e.g. from ``torch.nonzero``)."""
+    idx = flat_idx.flatten().to(torch.int64)
+    idx = idx if presorted else torch.sort(idx).values
     return idx.to(torch.int32) if numel < 2**31 else idx
 
 
@@ -85,3 +89,30 @@ def apply_mask_to_grads(model: torch.nn.Module, indices: dict[str, torch.Tensor]
             continue
         keep = indices_to_dense(indices[name], p.shape, p.grad.device)
         p.grad.mul_(keep)
+
+
+def shira_mask_fn(model: torch.nn.Module, indices: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A mask function for peft's SHiRA (``ShiraConfig.mask_fn``) that returns a saved mask's entries.
+
+    SHiRA calls ``mask_fn(base_layer, r, **kwargs)`` once per targeted nn.Linear and needs back a 0/1
+    tensor shaped like ``base_layer.weight`` (same dtype and device) with EXACTLY r*(in+out) ones. The
+    layer is recognised by its weight tensor; a targeted layer whose mask has another count, or that the
+    mask does not cover, raises ValueError naming it (see docs/selection.md: most DualSFT masks do not
+    have SHiRA's fixed per-layer count, so use this for masks built to that count, e.g. with
+    ``--include`` over the targeted modules and a per-layer budget).
+    """
+    by_weight = {id(p): n for n, p in model.named_parameters()}
+
+    def mask_fn(base_layer: torch.nn.Module, r: int, **_: object) -> torch.Tensor:
+        w = base_layer.weight
+        name = by_weight.get(id(w))
+        need = r * sum(w.shape)
+        if name is None or name not in indices:
+            raise ValueError(f"the DualSFT mask selects nothing in SHiRA's target layer {name or base_layer!r}; "
+                             "leave it out of target_modules")
+        got = int(indices[name].numel())
+        if got != need:
+            raise ValueError(f"SHiRA needs exactly r*(in+out) = {need} entries in {name}, the mask has {got}")
+        return indices_to_dense(indices[name], w.shape, w.device).to(w.dtype)
+
+    return mask_fn
