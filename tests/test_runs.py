@@ -74,3 +74,22 @@ def test_atomic_write_leaves_no_temp_files_and_roundtrips(tmp_path):
     assert load_tensors(tmp_path / "t.safetensors")["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
     (tmp_path / "r.jsonl").write_text(json.dumps({"a": 1}) + "\n\n" + json.dumps({"b": 2}) + "\n")
     assert [ln for ln, _ in iter_jsonl(tmp_path / "r.jsonl")] == [1, 3]
+
+
+def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
+    """safetensors orders metadata by a per-process hash seed; save_tensors sorts it, so the same tensors
+    always give the same bytes (file fingerprints in metadata.json depend on that)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from dualsft.io import save_tensors; "
+            "save_tensors(sys.argv[1], {'b': torch.ones(3), 'a': torch.zeros(2)}, "
+            "metadata={'format': 'x', 'shapes': 'y', 'z': 'w', 'q': 'r'})")
+    paths = [tmp_path / f"t{i}.safetensors" for i in range(4)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == {"format": "x", "shapes": "y", "z": "w", "q": "r"}

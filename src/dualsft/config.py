@@ -101,11 +101,54 @@ def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None 
     given.pop("command", None)
     given.pop("func", None)
     yaml_path = given.pop("config", None)
+    names = {f.name for f in dataclasses.fields(cls)}
     values = load_yaml(yaml_path) if yaml_path else {}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"--config {yaml_path}: unknown option(s) {unknown} for {cls.__name__}; "
+                          f"valid: {sorted(names)}")
+    values = check_yaml_values(cls, values, str(yaml_path))
     values.update(given)
     values.update(overrides)
-    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
     return cls(**values)
+
+
+def check_yaml_values(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of ``values`` read from YAML with each value checked against its field's type (argparse does
+    this for flags): Literal choices, bool, int, float (YAML reads ``1e-3`` as a string), str."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, v in values.items():
+        tp, optional = _base_type(hints[name])
+        if v is None and optional:
+            continue
+        bad = ConfigError(f"--config {where}: {name}: {v!r} is not {_type_words(tp)}")
+        if get_origin(tp) is Literal:
+            if v not in get_args(tp):
+                raise bad
+        elif tp is bool:
+            if not isinstance(v, bool):
+                raise bad
+        elif tp in (int, float):
+            if isinstance(v, bool):
+                raise bad
+            try:
+                out[name] = tp(v) if isinstance(v, str) else v
+            except ValueError:
+                raise bad from None
+            if tp is int and not isinstance(out[name], int):
+                raise bad
+        elif tp is str and not isinstance(v, str):
+            if isinstance(v, (dict, list)):
+                raise bad
+            out[name] = str(v)
+    return out
+
+
+def _type_words(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))

@@ -86,11 +86,32 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _sort_header_metadata(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Rewrite the safetensors header in place with ``__metadata__`` keys sorted.
+
+    safetensors writes its metadata from a Rust HashMap, whose order changes from process to process, so
+    the same tensors would give different file bytes (and file fingerprints). Sorting keeps the header's
+    length, so only the header bytes are rewritten; the format allows trailing spaces as padding.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for a pure reordering; never corrupt a file to be tidy
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

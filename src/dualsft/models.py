@@ -137,8 +137,10 @@ def load_model(
     try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
     except ValueError as e:
+        reason = str(e).splitlines()[0]  # transformers appends a line listing every supported config class
         raise ModelLoadError(
-            f"{path!r} ({type(cfg).__name__}) is not a causal language model that transformers can load: {e}"
+            f"{path!r} ({type(cfg).__name__}) is not a causal language model that transformers can load "
+            f"({reason}); pass a decoder-only causal LM (Llama, GPT-2, Qwen, ...) as --model"
         ) from e
     return m.to(dev).eval()
 

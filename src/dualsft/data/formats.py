@@ -227,7 +227,9 @@ def tokenize_examples(
         log.warning("%s: dropped %d example(s) with no response tokens: indices %s", source, len(empty), empty[:20])
         toks = [t for t in toks if t.n_response_tokens > 0]
     if not toks:
-        raise EmptyResponseError(f"{source}: no example left with response tokens", empty)
+        raise EmptyResponseError(
+            f"{source}: all {len(empty)} example(s) have no response tokens at --max-length {max_length} "
+            f"(indices {empty[:20]}{'...' if len(empty) > 20 else ''}); raise --max-length or fix the data", empty)
     return toks
 
 

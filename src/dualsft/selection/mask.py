@@ -65,14 +65,19 @@ def load_mask(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return {k: v.to(torch.int64) for k, v in tensors.items()}, shapes
 
 
-def check_mask_matches(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a mask made for another architecture: every name must exist with the same shape."""
+def check_mask_matches(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str = "") -> None:
+    """Refuse a mask made for another architecture: every name must exist with the same shape.
+
+    ``source`` (e.g. the mask file) prefixes the message."""
     params = dict(model.named_parameters())
+    where = f"{source}: " if source else ""
+    fix = "; it was made for another model: rerun `dualsft select` for this one"
     for name, shape in shapes.items():
         if name not in params:
-            raise ArtifactError(f"mask names parameter {name!r}, which this model does not have")
+            raise ArtifactError(f"{where}mask names parameter {name!r}, which this model does not have{fix}")
         if tuple(params[name].shape) != tuple(shape):
-            raise ArtifactError(f"mask shape for {name!r} is {tuple(shape)}, the model's is {tuple(params[name].shape)}")
+            raise ArtifactError(f"{where}mask shape for {name!r} is {tuple(shape)}, the model's is "
+                                f"{tuple(params[name].shape)}{fix}")
 
 
 def apply_mask_to_grads(model: torch.nn.Module, indices: dict[str, torch.Tensor]) -> None:
