@@ -39,7 +39,10 @@ class RunConfig(CommonConfig):
                             "empty: build the embedded reasoning-gym data into RUN/data")
     target_task: str = opt("chain_sum", "target task of the embedded data (see `dualsft data build --help`)")
     pool_size: int = opt(512, "pool size of the embedded data")
+    val_size: int = opt(32, "target validation examples of the embedded data (used for scoring)")
     test_size: int = opt(64, "target test examples of the embedded data")
+    stability_size: int = opt(16, "held-out examples per stability task of the embedded data")
+    humaneval_size: int = opt(16, "HumanEval records in the stability set of the embedded data (0: none)")
     warmup_ratio: float = opt(0.1, "fraction of the pool for the warm-up (0: score at θ0, first order only)")
     order: int = opt(2, "scoring order: 2 (u = ηv − ½η²c⊙G) or 1 (u = ηv)")
     eta: float = opt(2e-5, "η of the one-step surrogate")
@@ -67,6 +70,16 @@ def stage_config(cls: type[C], cfg: RunConfig, **overrides: Any) -> C:
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CommonConfig) if f.name in names}
     values.update({k: v for k, v in overrides.items() if k in names})
     return cls(**values)
+
+
+def data_build_config(cfg: RunConfig, seed: int | None = None) -> Any:
+    """The `dualsft data build` config for the embedded data of this run."""
+    from dualsft.data.build import DataBuildConfig
+
+    return DataBuildConfig(run_dir=cfg.run_dir, target_task=cfg.target_task, pool_size=cfg.pool_size,
+                           val_size=cfg.val_size, test_size=cfg.test_size, stability_size=cfg.stability_size,
+                           humaneval_size=cfg.humaneval_size, seed=cfg.seed if seed is None else seed,
+                           overwrite=cfg.overwrite)
 
 
 def data_files(cfg: RunConfig) -> dict[str, Path]:
@@ -102,9 +115,7 @@ def main(cfg: RunConfig) -> int:
     files = data_files(cfg)
     timings: dict[str, float] = {}
     if not cfg.data_dir:
-        run_stage("data build", build.main, build.DataBuildConfig(
-            run_dir=cfg.run_dir, target_task=cfg.target_task, pool_size=cfg.pool_size, test_size=cfg.test_size,
-            seed=cfg.seed, overwrite=cfg.overwrite), timings)
+        run_stage("data build", build.main, data_build_config(cfg), timings)
     pool, val = str(files["pool"]), str(files["val"])
     run_stage("warmup", warmup.main, stage_config(warmup.CONFIG, cfg, pool=pool, warmup_ratio=cfg.warmup_ratio),
               timings)
@@ -138,9 +149,9 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
                              ("target loss", ("target", "loss"), False),
                              ("stability accuracy (other tasks)", ("stability", "all", "accuracy"), True),
                              ("stability loss (other tasks)", ("stability", "all", "loss"), False),
-                             ("general text loss (HumanEval solutions)", ("general", "loss"), False),
+                             ("general text loss (HumanEval solutions)", ("general", "all", "loss"), False),
                              ("KL(base ‖ tuned), target", ("target", "kl"), False),
-                             ("KL(base ‖ tuned), general text", ("general", "kl"), False)]:
+                             ("KL(base ‖ tuned), general text", ("general", "all", "kl"), False)]:
         base, tuned = get(metrics.get("base"), *path), get(metrics.get("tuned"), *path)
         if base is None and tuned is None:
             continue

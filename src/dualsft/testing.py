@@ -38,7 +38,7 @@ def micro_llama(tied: bool = True, seed: int = 0, dtype: torch.dtype = torch.flo
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=tied, attn_implementation="eager")
     m = LlamaForCausalLM(cfg)
     _randomise_norms(m, seed)
