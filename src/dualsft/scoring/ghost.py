@@ -1,0 +1,198 @@
+"""Ghost inner products: ⟨u, g_n⟩ for every example n inside ONE batched backward (METHOD.md §4).
+
+For each module that owns trainable parameters, a forward hook keeps the module input a and hooks the
+output tensor; when the backward reaches it, the hook receives e = ∂(Σ_n l_n)/∂output, whose rows for
+example n are exactly ∂l_n/∂output (examples do not interact in eval mode). The per-example inner product
+with the direction U (u restricted to that parameter) is then, summed over tokens t:
+
+    Linear  (o = a Wᵀ + b, W [out, in]):   Σ_t e_tᵀ U a_t  +  Σ_t e_t·u_b
+    Conv1D  (GPT-2, o = a W + b, W [in, out]): Σ_t a_tᵀ U e_t  +  Σ_t e_t·u_b
+    Embedding (o = W[x]):                  Σ_t ⟨U[x_t], e_t⟩     (x_t = padding_idx excluded: no gradient)
+    elementwise-affine norm (o = x̂ ⊙ w + b):  Σ_t Σ_i u_i e_{t,i} x̂_{t,i} + Σ_t e_t·u_b
+        with x̂ recomputed by calling the module with w = 1, b = 0 (RMSNorm, LayerNorm, ...); the
+        affine form is verified on the first call and a module that is not affine raises.
+A tied weight (embedding + LM head) contributes from both modules to the same row score.
+Any other module owning a trainable parameter raises ConfigError (use --method jvp, which is generic).
+
+Cost: one extra matmul of the forward's size per linear layer (e @ U or a @ Uᵀ, whichever output is
+smaller). With ``weight_grads=False`` the parameters are frozen for the pass and the embedding outputs
+made differentiable, so the backward computes activation gradients only (no weight gradients): that is
+the second-order row pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from dualsft.errors import ConfigError
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return None
+    return Conv1D
+
+
+def module_kind(module: torch.nn.Module) -> str:
+    """'linear' | 'conv1d' | 'embedding' | 'affine_norm' | 'other' for a module that owns parameters."""
+    conv1d = _conv1d_type()
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    own = dict(module.named_parameters(recurse=False))
+    if own and set(own) <= {"weight", "bias"} and all(p.dim() == 1 for p in own.values()) and "weight" in own:
+        return "affine_norm"
+    return "other"
+
+
+class GhostScorer:
+    """Accumulates φ_data = ⟨u, g_n⟩ per example of the current batch while hooks are installed.
+
+    Use: ``with scorer.installed(model): loss.sum().backward()`` then read ``scorer.scores`` [B] (float64).
+    ``u`` maps parameter names (as in named_parameters) to directions shaped like the parameters.
+    """
+
+    def __init__(self, model: torch.nn.Module, u: Mapping[str, torch.Tensor], weight_grads: bool = True):
+        self.model = model
+        self.weight_grads = weight_grads
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        self.compute_dtype = _compute_dtype(next(model.parameters()).dtype)
+        # direction per parameter, in the compute dtype, on the parameter's device; keyed by tensor id
+        self.u_by_id: dict[int, torch.Tensor] = {}
+        for n, p in model.named_parameters():
+            if n in u:
+                self.u_by_id[id(p)] = u[n].to(device=p.device, dtype=self.compute_dtype)
+        self.modules: list[tuple[str, torch.nn.Module, str]] = []
+        covered = set()
+        for mname, mod in model.named_modules():
+            own = [p for p in mod.parameters(recurse=False) if id(p) in self.u_by_id]
+            if not own:
+                continue
+            kind = module_kind(mod)
+            if kind == "other":
+                names = [by_id[id(p)] for p in own]
+                raise ConfigError(f"--method ghost has no rule for module {mname!r} ({type(mod).__name__}) that owns "
+                                  f"{names}; use --method jvp (exact for every parameter type)")
+            self.modules.append((mname, mod, kind))
+            covered.update(id(p) for p in own)
+        missing = [by_id[i] for i in self.u_by_id if i not in covered]
+        if missing:
+            raise ConfigError(f"--method ghost found no module owning {missing[:3]}; use --method jvp")
+        self.scores: torch.Tensor | None = None
+        self._verified: set[int] = set()
+
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        """Start a new batch: zero the per-example accumulator."""
+        self.scores = torch.zeros(batch_size, dtype=torch.float64, device=device)
+
+    @contextmanager
+    def installed(self, model: torch.nn.Module) -> Any:
+        """Install the hooks (and, for ``weight_grads=False``, freeze the parameters) for one pass."""
+        handles = []
+        frozen = []
+        if not self.weight_grads:
+            frozen = [p for p in model.parameters() if p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(False)
+            # gradient must still flow: every embedding output becomes a differentiable leaf. These hooks
+            # are registered first, and a forward hook's returned output is what later hooks see.
+            handles += [m.register_forward_hook(_make_leaf) for m in model.modules()
+                        if isinstance(m, torch.nn.Embedding)]
+        handles += [mod.register_forward_hook(self._forward_hook(kind)) for _, mod, kind in self.modules]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _forward_hook(self, kind: str) -> Any:
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not output.requires_grad:  # nothing upstream needs a gradient: no per-example term either
+                return None
+            x, ret = inputs[0].detach(), None
+            if self.scores is not None and output.shape[0] == 1 < self.scores.shape[0]:
+                # shared across the batch (GPT-2's position embedding of [1, T] position ids): broadcasting
+                # would SUM the examples' gradients, so give each example its own copy of the output
+                ret = output = output.expand(self.scores.shape[0], *output.shape[1:])
+                x = x.expand(self.scores.shape[0], *x.shape[1:])
+            if kind == "affine_norm":
+                x = _normalised(module, x, output.detach(), self._verified)
+            output.register_hook(lambda e: self._accumulate(module, kind, x, e))
+            return ret
+
+        return hook
+
+    def _accumulate(self, mod: torch.nn.Module, kind: str, x: torch.Tensor, e: torch.Tensor) -> None:
+        """Add ⟨U, g_n(module)⟩ for every example n of the batch to self.scores."""
+        e = e.to(self.compute_dtype)
+        B = e.shape[0]
+        total = torch.zeros(B, dtype=torch.float64, device=e.device)
+        W = self.u_by_id.get(id(mod.weight)) if getattr(mod, "weight", None) is not None else None
+        b = getattr(mod, "bias", None)
+        Ub = self.u_by_id.get(id(b)) if isinstance(b, torch.Tensor) else None
+        if W is not None:
+            total += _weight_term(kind, mod, W, x, e).double()
+        if Ub is not None:
+            total += (e.reshape(B, -1, e.shape[-1]).sum(1) @ Ub).double()
+        self.scores += total
+
+
+def _make_leaf(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the (frozen) embedding's output as a leaf that requires grad."""
+    return output.detach().requires_grad_(True)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Inner products in at least float32 (bf16 sums over T·d terms lose everything)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _weight_term(kind: str, mod: torch.nn.Module, U: torch.Tensor, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Σ_t of the per-token inner product of U with the weight gradient; x, e [B, ..., ·] -> [B]."""
+    B = e.shape[0]
+    if kind == "embedding":
+        ids = x.reshape(B, -1)  # [B, T]
+        rows = U[ids]  # [B, T, H]
+        if mod.padding_idx is not None:  # nn.Embedding gives the padding row no gradient
+            rows = rows * ids.ne(mod.padding_idx).unsqueeze(-1).to(rows.dtype)
+        return (rows * e.reshape(B, ids.shape[1], -1)).sum((1, 2))
+    x = x.to(e.dtype).reshape(B, -1, x.shape[-1])  # [B, T, in]
+    e = e.reshape(B, -1, e.shape[-1])  # [B, T, out]
+    if kind == "affine_norm":
+        return (e * x * U).sum((1, 2))
+    if kind == "conv1d":
+        U = U.t()  # GPT-2 Conv1D stores W as [in, out]; use the Linear layout [out, in]
+    # Σ_t e_tᵀ U a_t: multiply on the side with the smaller result (LM head: e @ U is [B, T, hidden])
+    if U.shape[0] >= U.shape[1]:
+        return ((e @ U) * x).sum((1, 2))
+    return ((x @ U.t()) * e).sum((1, 2))
+
+
+def _normalised(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, verified: set[int]) -> torch.Tensor:
+    """x̂ = module(x) with weight 1 and bias 0; on first use check y == x̂ ⊙ w + b (else the rule is wrong)."""
+    own = dict(module.named_parameters(recurse=False))
+    unit = {"weight": torch.ones_like(own["weight"])}
+    if "bias" in own:
+        unit["bias"] = torch.zeros_like(own["bias"])
+    with torch.no_grad():
+        xhat = functional_call(module, unit, (x,))
+        # a non-finite output cannot verify anything; the loss check then names the examples
+        if id(module) not in verified and bool(torch.isfinite(y).all()):
+            rebuilt = xhat * own["weight"] + (own["bias"] if "bias" in own else 0)
+            if not torch.allclose(rebuilt, y, rtol=1e-3, atol=1e-5 * (1 + y.abs().max().item())):
+                raise ConfigError(f"--method ghost: {type(module).__name__} is not of the form x̂ ⊙ weight + bias; "
+                                  "use --method jvp")
+            verified.add(id(module))
+    return xhat

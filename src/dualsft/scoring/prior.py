@@ -1,0 +1,131 @@
+"""The stability term v_prior = ∇L_prior(θ) (METHOD.md §3): KL to the base model θ0 on the anchor set A.
+
+    L_prior(θ) = τ² · Σ_{i∈A} w_i KL_i(θ) / Z,    Z = Σ_i w_i  ("weighted_mean", default)
+                                                  Z = max(Σ_i w_i, 1)  ("release": the authors' code)
+    KL_i = mean over response tokens t of KL( softmax(f_θ0(t)/τ) || softmax(f_θ(t)/τ) )
+
+Decisions (the paper is silent):
+- the confidence w_i is computed from the SAME τ-softened teacher distribution p_t = softmax(f_θ0(t)/τ)
+  that enters the KL: "max_prob" w_i = mean_t max_v p_t(v); "entropy_inv" w_i = 1/(1 + mean_t H(p_t));
+  "uniform" w_i = 1.
+- w_i depends on the teacher only, so it is a constant of θ: ∇L_prior = τ² Σ_i w_i ∇KL_i / Z.
+- "response tokens" are the positions whose next token is a label (the same tokens l(z) averages over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from dualsft.errors import ConfigError
+from dualsft.losses import IGNORE_INDEX
+
+CONFIDENCE_MODES = ("max_prob", "uniform", "entropy_inv")
+NORMALISATIONS = ("weighted_mean", "release")
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """Softmax maths in at least float32 (bf16/fp16 logits lose the small KL values)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] float mask of positions t whose NEXT token is a response label (after the causal shift)."""
+    return labels[:, 1:].ne(IGNORE_INDEX)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(softmax(teacher/τ) || softmax(student/τ)) per position: [B, T, V] x2 -> [B, T]."""
+    logq = F.log_softmax(_float(student_logits) / tau, dim=-1)
+    logp = F.log_softmax(_float(teacher_logits) / tau, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def example_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               tau: float) -> torch.Tensor:
+    """KL_i: mean over response tokens of the per-token KL. Logits [B, T, V], labels [B, T] -> [B]."""
+    mask = response_mask(labels).to(_float(student_logits).dtype)
+    kl = token_kl(student_logits[:, :-1], teacher_logits[:, :-1], tau)  # [B, T-1]
+    return (kl * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def confidence_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
+    """w_i per anchor example from the τ-softened teacher distribution (see module docstring). -> [B]."""
+    if mode not in CONFIDENCE_MODES:
+        raise ConfigError(f"--confidence must be one of {CONFIDENCE_MODES}, got {mode!r}")
+    mask = response_mask(labels).to(_float(teacher_logits).dtype)
+    denom = mask.sum(-1).clamp_min(1.0)
+    if mode == "uniform":
+        return torch.ones_like(denom)
+    logp = F.log_softmax(_float(teacher_logits[:, :-1]) / tau, dim=-1)  # [B, T-1, V]
+    if mode == "max_prob":
+        return (logp.max(-1).values.exp() * mask).sum(-1) / denom
+    entropy = -(logp.exp() * logp).sum(-1)  # [B, T-1]
+    return 1.0 / (1.0 + (entropy * mask).sum(-1) / denom)
+
+
+def prior_normaliser(weight_sum: float, normalisation: str) -> float:
+    """Z: Σw ("weighted_mean") or max(Σw, 1) ("release"; then L_prior is not a weighted mean when Σw < 1)."""
+    if normalisation == "weighted_mean":
+        return weight_sum
+    if normalisation == "release":
+        return max(weight_sum, 1.0)
+    raise ConfigError(f"--prior-normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+
+
+def prior_gradient(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
+                   params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
+                   normalisation: str = "weighted_mean", acc_dtype: torch.dtype = torch.float32,
+                   progress: object | None = None) -> dict[str, torch.Tensor]:
+    """v_prior = ∇_θ L_prior(θ) at the student ``model`` (θw) with teacher ``base_model`` (θ0).
+
+    One teacher forward (no grad) and one student forward+backward per anchor batch. Accumulates
+    τ² Σ_i w_i ∇KL_i and Σ_i w_i, then divides by Z (``prior_normaliser``). Returns {name: tensor} in
+    ``acc_dtype``, shaped like each parameter. Zero when the student equals the teacher (KL is minimal).
+    """
+    if tau <= 0:
+        raise ConfigError(f"--tau must be positive, got {tau}")
+    prior_normaliser(1.0, normalisation)  # validate the option before any compute
+    names, tensors = list(params), list(params.values())
+    device = tensors[0].device
+    teacher_device = next(base_model.parameters()).device
+    acc = {n: torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for n, p in params.items()}
+    weight_sum = 0.0
+    for batch in anchor_batches:
+        ids, att, labels = (batch[k] for k in ("input_ids", "attention_mask", "labels"))
+        with torch.no_grad():
+            t_logits = base_model(input_ids=ids.to(teacher_device), attention_mask=att.to(teacher_device),
+                                  use_cache=False).logits.to(device)
+        s_logits = model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).logits
+        labels = labels.to(device)
+        w = confidence_weights(t_logits, labels, tau, confidence)  # [B], a constant of θ
+        kl = example_kl(s_logits, t_logits, labels, tau)  # [B]
+        objective = tau**2 * (w * kl).sum()
+        grads = torch.autograd.grad(objective, tensors, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                acc[n] += g.to(acc_dtype)
+        weight_sum += float(w.sum())
+        if progress is not None:
+            progress.update(int(ids.shape[0]))
+    z = prior_normaliser(weight_sum, normalisation)
+    if z <= 0:
+        raise ConfigError("the anchor confidence weights sum to 0: use --confidence uniform or more anchors")
+    return {n: a / z for n, a in acc.items()}
+
+
+def prior_objective(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
+                    tau: float = 2.0, confidence: str = "max_prob", normalisation: str = "weighted_mean") -> torch.Tensor:
+    """L_prior(θ) itself as a differentiable scalar over ALL anchor batches (slow twin used by tests)."""
+    total, weight_sum = 0.0, 0.0
+    for batch in anchor_batches:
+        with torch.no_grad():
+            t_logits = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).logits
+        s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        w = confidence_weights(t_logits, batch["labels"], tau, confidence)
+        total = total + tau**2 * (w * example_kl(s_logits, t_logits, batch["labels"], tau)).sum()
+        weight_sum += float(w.sum())
+    return total / prior_normaliser(weight_sum, normalisation)

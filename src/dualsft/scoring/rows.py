@@ -1,0 +1,164 @@
+"""Row scores φ_data[n] = ⟨u, g_n⟩ for every pool example without forming any g_n (METHOD.md §4).
+
+Public API (frozen):
+    row_scores(model, batches, u, method="jvp") -> (scores [N] float64, losses [N] float64)
+        in batch order (map to examples with each batch's "index"), on CPU.
+    score_pool(model, batches, u, method, grad_sum=False, ...) -> (scores, losses, G or None)
+        the first-order single pass: with ``grad_sum=True`` the same pass also returns G = Σ_n g_n.
+
+Methods (all exact for every trainable parameter the model has):
+- "jvp": one batched forward-mode JVP of the per-example loss vector along the tangent u
+  (torch.func.jvp over functional_call). Generic: every parameter type, tied weights included. Needs
+  attention kernels with a forward-AD rule: eager attention, or SDPA's math backend (enforced here).
+  With ``grad_sum`` the forward carries dual numbers and an ordinary backward of the primal gives G.
+- "ghost": backward hooks with per-example inner products (see ghost.py). Linear, GPT-2 Conv1D,
+  Embedding (incl. tied) and elementwise-affine norms; anything else raises (use jvp).
+- "exact": one backward per example, each example alone (no padding): THE ORACLE the fast paths are
+  tested against. O(N) backward passes; use it to check, not to score large pools.
+Padding never changes a score: padded positions carry label -100, so their loss gradient is zero, and
+with right padding the causal mask keeps them out of every real token's computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.autograd import forward_ad as fwAD
+from torch.func import functional_call
+
+from dualsft.errors import ConfigError
+from dualsft.losses import per_example_loss, per_example_loss_from_logits
+from dualsft.scoring.ghost import GhostScorer
+from dualsft.scoring.stats import check_finite, model_inputs, trainable_params, zeros_like_params
+
+METHODS = ("jvp", "ghost", "exact")
+Batch = dict[str, torch.Tensor]
+
+
+def row_scores(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, torch.Tensor],
+               method: str = "jvp") -> tuple[torch.Tensor, torch.Tensor]:
+    """φ_data[n] = ⟨u, g_n⟩ and l_n for every example of ``batches``, in batch order.
+
+    ``u`` maps trainable parameter names (named_parameters, tied once) to tensors shaped like them; a
+    trainable parameter absent from ``u`` counts as u = 0 there. Returns (scores [N], losses [N]),
+    float64, CPU. Raises NonFiniteLossError (with example indices) on a NaN/inf loss.
+    """
+    scores, losses, _ = score_pool(model, batches, u, method=method, grad_sum=False)
+    return scores, losses
+
+
+def score_pool(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, torch.Tensor], method: str = "ghost",
+               grad_sum: bool = False, acc_dtype: torch.dtype = torch.float32,
+               progress: Any | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """One pass over the pool: (φ_data [N], l [N], G or None). ``grad_sum=True`` also accumulates
+    G = Σ_n g_n (in ``acc_dtype``) from the same backward: the first-order single pass."""
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
+    params = trainable_params(model)
+    u = {n: t for n, t in u.items() if n in params}
+    G = zeros_like_params(params, acc_dtype) if grad_sum else None
+    step = {"jvp": _jvp_batch, "ghost": _ghost_batch, "exact": _exact_batch}[method]
+    ghost = GhostScorer(model, u, weight_grads=grad_sum) if method == "ghost" else None
+    all_scores, all_losses = [], []
+    device = next(iter(params.values())).device
+    for batch in batches:
+        inputs = model_inputs(batch, device)
+        s, losses = step(model, inputs, params, u, G, ghost=ghost)
+        check_finite(losses, batch)
+        all_scores.append(s.detach().double().cpu())
+        all_losses.append(losses.detach().double().cpu())
+        if progress is not None:
+            progress.update(int(inputs["input_ids"].shape[0]))
+    return torch.cat(all_scores), torch.cat(all_losses), G
+
+
+def _add_grads(G: dict[str, torch.Tensor] | None, params: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
+    """G += ∇ total (one backward; tied weights summed by autograd)."""
+    if G is None:
+        return
+    grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    for n, g in zip(params, grads):
+        if g is not None:
+            G[n] += g.to(G[n].dtype)
+
+
+def _tangents(params: Mapping[str, torch.Tensor], u: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """u as tangents: same dtype/device as each parameter, zeros where u has no entry."""
+    return {n: (u[n].to(device=p.device, dtype=p.dtype) if n in u else torch.zeros_like(p)) for n, p in params.items()}
+
+
+def _math_sdpa() -> Any:
+    """SDPA's fused CPU/CUDA kernels have no forward-AD rule; the math backend does (eager needs nothing)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # pragma: no cover
+        return nullcontext()
+
+
+def _jvp_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
+               u: Mapping[str, torch.Tensor], G: dict[str, torch.Tensor] | None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directional derivative of the loss vector [B] along u = (⟨u, g_n⟩)_n, by forward-mode AD."""
+    tangents = _tangents(params, u)
+    kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+    with _math_sdpa():
+        if G is None:
+            primals = {n: p.detach() for n, p in params.items()}
+
+            def losses_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return per_example_loss_from_logits(functional_call(model, p, (), kwargs).logits, inputs["labels"])
+
+            with torch.no_grad():
+                losses, scores = torch.func.jvp(losses_of, (primals,), (tangents,))
+            return scores, losses
+        # first order, one pass: dual numbers carry the tangent, and the primal graph gives G by backward
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
+            logits = functional_call(model, duals, (), kwargs).logits
+            primal, tangent = fwAD.unpack_dual(per_example_loss_from_logits(logits, inputs["labels"]))
+            tangent = tangent.detach()
+        # backward outside the dual level: backward kernels (silu_backward, ...) have no forward-AD rule
+        _add_grads(G, params, primal.sum())
+        return tangent, primal
+
+
+def _ghost_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
+                 u: Mapping[str, torch.Tensor], G: dict[str, torch.Tensor] | None,
+                 ghost: GhostScorer | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example inner products accumulated by hooks inside one batched backward (ghost.py)."""
+    assert ghost is not None
+    ghost.reset(int(inputs["input_ids"].shape[0]), inputs["input_ids"].device)
+    with ghost.installed(model):
+        losses = per_example_loss(model, inputs)
+        if G is not None:
+            _add_grads(G, params, losses.sum())
+        else:
+            losses.sum().backward()  # parameters are frozen here: activation gradients only
+    assert ghost.scores is not None
+    return ghost.scores, losses
+
+
+def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
+                 u: Mapping[str, torch.Tensor], G: dict[str, torch.Tensor] | None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE ORACLE: each example alone (padding cut off), one backward each, ⟨u, g_n⟩ summed in float64."""
+    scores, losses = [], []
+    for b in range(inputs["input_ids"].shape[0]):
+        keep = inputs["attention_mask"][b].bool()  # real tokens are contiguous (left or right padding)
+        one = {k: v[b : b + 1, keep] for k, v in inputs.items()}
+        loss = per_example_loss(model, one)[0]
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        s = torch.zeros((), dtype=torch.float64, device=loss.device)
+        for n, g in zip(params, grads):
+            if g is None:
+                continue
+            if n in u:
+                s = s + (u[n].to(g.device).double() * g.double()).sum()
+            if G is not None:
+                G[n] += g.to(G[n].dtype)
+        scores.append(s)
+        losses.append(loss.detach())
+    return torch.stack(scores), torch.stack(losses)

@@ -1,0 +1,199 @@
+"""`dualsft score`: the dual scores φ_param and φ_data at θw (METHOD.md §3-§5 step 3).
+
+    dualsft score --pool data/pool.jsonl --target data/target.jsonl --run-dir runs/demo
+
+Passes (each with a progress bar in examples/s; wall time recorded):
+    target     v_new = mean target gradient                        (one backward per batch)
+    anchor     v_prior = ∇ τ²·weighted KL(θ0 || θw) on the anchors  (skipped when λ_prior = 0, or at θ0
+               where it is exactly zero)
+    order 1:   pool       G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
+    order 2:   pool_G     G = Σ_n g_n;   then u = ηv − ½η² c⊙G;   pool_rows  φ_data = ⟨u, g_n⟩
+Writes RUN/scores/ (the output contract; other stages read these names):
+    param_scores.safetensors   φ_param = u⊙G, float32, one tensor per trainable parameter (tied once)
+    data_scores.jsonl          one line per pool example, pool order: {"index", "score", "loss", "tokens", ...}
+    u.safetensors, v.safetensors (v = λ_new v_new + λ_prior v_prior), grad_sum.safetensors (G): float32
+    summary.json               uᵀG, Σφ_param, Σφ_data, settings, coverage, passes, timings, norms of u's terms
+    metadata.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from dualsft.config import CommonConfig, opt
+from dualsft.data.formats import TokenizedExample, batches
+from dualsft.errors import ConfigError, MetadataMismatchError
+from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
+from dualsft.models import load_model, load_tokenizer, model_fingerprint
+from dualsft.runs import build_metadata, prepare_stage_dir
+from dualsft.scoring.data import load_split, sample_positions
+from dualsft.scoring.rows import score_pool
+from dualsft.scoring.stats import combine_u, gradient_sum, param_scores, prior_gradient, target_gradient, trainable_params
+from dualsft.scoring.warmup import warmup_state
+
+log = logging.getLogger(__name__)
+
+HELP = "dual scores at θw: φ_param = u⊙G per parameter entry and φ_data = ⟨u, g_n⟩ per pool example"
+FILES = {"param_scores": "param_scores.safetensors", "data_scores": "data_scores.jsonl", "u": "u.safetensors",
+         "v": "v.safetensors", "grad_sum": "grad_sum.safetensors", "summary": "summary.json"}
+ANCHOR_SEED_OFFSET = 1  # the anchor slice uses seed+1 so it differs from the warm-up slice of the same seed
+
+
+@dataclass(frozen=True)
+class ScoreConfig(CommonConfig):
+    """Options of `dualsft score` (defaults: the authors' release, METHOD.md §3-§5)."""
+
+    pool: str = opt("", "pool data file (the examples to score)")
+    target: str = opt("", "target/validation data file V (v_new is its mean gradient)")
+    order: int = opt(2, "2: u = ηv − ½η²c⊙G (needs the warm-up's curvature); 1: u = ηv (one pool pass)")
+    eta: float = opt(2e-5, "η, the step size of the one-step surrogate")
+    lambda_new: float = opt(1.0, "λ_new, weight of the target loss in L_val")
+    lambda_prior: float = opt(0.2, "λ_prior, weight of the KL-to-base term in L_val (0 skips the anchor pass)")
+    tau: float = opt(2.0, "τ, the KL temperature")
+    confidence: Literal["max_prob", "uniform", "entropy_inv"] = opt("max_prob", "anchor weight w_i")
+    prior_normalisation: Literal["weighted_mean", "release"] = opt(
+        "weighted_mean", "divide by Σw (weighted mean) or by max(Σw, 1) as the authors' release does")
+    anchor_ratio: float = opt(0.02, "fraction of the pool used as the anchor set A (seeded)")
+    batch_size: int = opt(4, "examples per scoring batch")
+    method: Literal["ghost", "jvp", "exact"] = opt(
+        "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic), exact (one backward per example; slow)")
+    curvature: str = opt("", "safetensors file of c per parameter (default: RUN/warmup/exp_avg_sq.safetensors)")
+    stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
+
+
+CONFIG = ScoreConfig
+
+
+def timed_pass(name: str, n: int, fn: Any, timings: dict[str, dict[str, float]]) -> Any:
+    """Run fn(bar) under a tqdm bar of ``n`` examples; record wall time and examples/s under ``name``."""
+    t0 = time.perf_counter()
+    with tqdm(total=n, unit="ex", desc=name) as bar:
+        out = fn(bar)
+    wall = time.perf_counter() - t0
+    timings[name] = {"wall_time_s": wall, "examples": n, "examples_per_s": n / wall if wall > 0 else float("inf")}
+    log.info("pass %-9s %6d examples in %7.1f s (%.2f ex/s)", name, n, wall, timings[name]["examples_per_s"])
+    return out
+
+
+def coverage(model: torch.nn.Module) -> dict[str, Any]:
+    """Which parameters are scored: trainable ones; frozen ones and tied aliases are listed."""
+    all_named = list(model.named_parameters(remove_duplicate=False))
+    unique = dict(model.named_parameters())
+    trainable = trainable_params(model)
+    return {"scored_tensors": len(trainable), "scored_entries": int(sum(p.numel() for p in trainable.values())),
+            "total_entries": int(sum(p.numel() for p in unique.values())),
+            "frozen": [n for n, p in unique.items() if not p.requires_grad],
+            "tied_aliases": [n for n, _ in all_named if n not in unique]}
+
+
+def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """c for order 2 (from --curvature or the warm-up); order 1 needs none."""
+    path = cfg.curvature or (warm or {}).get("curvature")
+    if cfg.order == 1:
+        return None, None
+    if not path:
+        raise ConfigError("--order 2 needs the curvature c (Adam exp_avg_sq of the warm-up), but there is none: "
+                          "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use --order 1")
+    return load_tensors(path), str(path)
+
+
+def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.Tensor,
+              order_idx: list[int]) -> list[dict[str, Any]]:
+    """data_scores.jsonl rows in POOL order from scores/losses in batch order (``order_idx``: stable indices)."""
+    at = {idx: k for k, idx in enumerate(order_idx)}
+    return [{"index": t.index, "score": float(scores[at[t.index]]), "loss": float(losses[at[t.index]]),
+             "tokens": t.n_response_tokens, "length": len(t.input_ids), "truncated": t.truncated} for t in toks]
+
+
+def main(cfg: ScoreConfig) -> int:
+    """Compute and write RUN/scores/ (see module docstring)."""
+    t_start = time.time()
+    if cfg.order not in (1, 2):
+        raise ConfigError(f"--order must be 1 or 2, got {cfg.order}")
+    warm = warmup_state(cfg.run_dir)
+    if warm and warm.get("metadata", {}).get("model", {}).get("id") not in (None, cfg.model):
+        raise MetadataMismatchError(f"RUN/warmup was made from --model {warm['metadata']['model']['id']!r}, not "
+                                    f"{cfg.model!r}; use the same --model or rerun the warm-up", "model.id")
+    at_theta0 = not (warm and warm.get("model_dir"))
+    if at_theta0:
+        log.info("no warm-up checkpoint in %s: scoring at θ0", Path(cfg.run_dir) / "warmup")
+    c, c_path = load_curvature(cfg, warm)
+    acc_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+    tokenizer = load_tokenizer(cfg.model)
+    pool = load_split(cfg.pool, tokenizer, cfg, "pool")
+    target = load_split(cfg.target, tokenizer, cfg, "target")
+    model = load_model(cfg.model if at_theta0 else warm["model_dir"], cfg.dtype, cfg.device)  # type: ignore[index]
+    fp = model_fingerprint(model)
+    data_files = {"pool": cfg.pool, "target": cfg.target, **({"curvature": c_path} if c_path else {})}
+    meta = build_metadata("scores", cfg, model_id=cfg.model if at_theta0 else warm["model_dir"],  # type: ignore[index]
+                          model_fingerprint=fp, data_files=data_files, extra={"scored_at": "theta_0" if at_theta0
+                                                                             else "theta_w"})
+    out = prepare_stage_dir(cfg.run_dir, "scores", meta, cfg.overwrite)
+    params = trainable_params(model)
+    pad = tokenizer.pad_token_id
+    timings: dict[str, dict[str, float]] = {}
+    skipped: list[str] = []
+
+    target_b = batches(target, cfg.batch_size, pad, sort_by_length=True)
+    v_new = timed_pass("target", len(target), lambda bar: target_gradient(model, target_b, params, acc_dtype, bar),
+                       timings)
+    v_prior, anchors = None, []
+    if cfg.lambda_prior == 0:
+        skipped.append("anchor pass: --lambda-prior 0")
+    elif at_theta0:
+        skipped.append("anchor pass: scoring at θ0, where the KL to θ0 has zero gradient (v_prior = 0)")
+    else:
+        anchors = sample_positions(len(pool), cfg.anchor_ratio, cfg.seed + ANCHOR_SEED_OFFSET)
+        if not anchors:
+            raise ConfigError("--anchor-ratio gives no anchor example; raise it or pass --lambda-prior 0")
+        base = load_model(cfg.model, cfg.dtype, cfg.device)
+        anchor_b = batches([pool[i] for i in anchors], cfg.batch_size, pad, sort_by_length=True)
+        v_prior = timed_pass("anchor", len(anchors), lambda bar: prior_gradient(
+            model, base, anchor_b, params, cfg.tau, cfg.confidence, cfg.prior_normalisation, acc_dtype, bar), timings)
+        del base
+    for s in skipped:
+        log.info("skipped %s", s)
+
+    pool_b = batches(pool, cfg.batch_size, pad, sort_by_length=True)  # less padding; indices travel along
+    order_idx = [int(i) for b in pool_b for i in b["index"]]
+    if cfg.order == 1:
+        u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1)
+        scores, losses, G = timed_pass("pool", len(pool), lambda bar: score_pool(
+            model, pool_b, u, cfg.method, grad_sum=True, acc_dtype=acc_dtype, progress=bar), timings)
+    else:
+        G = timed_pass("pool_G", len(pool), lambda bar: gradient_sum(model, pool_b, params, acc_dtype, bar), timings)
+        u, v, norms = combine_u(v_new, v_prior, G, c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2)
+        scores, losses, _ = timed_pass("pool_rows", len(pool), lambda bar: score_pool(
+            model, pool_b, u, cfg.method, grad_sum=False, progress=bar), timings)
+    assert G is not None
+    phi = param_scores(u, G)
+    save_tensors(out / FILES["param_scores"], phi, metadata={"what": "phi_param = u*G"})
+    save_tensors(out / FILES["u"], {n: t.float() for n, t in u.items()}, metadata={"what": "u"})
+    save_tensors(out / FILES["v"], {n: t.float() for n, t in v.items()}, metadata={"what": "v"})
+    save_tensors(out / FILES["grad_sum"], {n: t.float() for n, t in G.items()}, metadata={"what": "G"})
+    write_jsonl(out / FILES["data_scores"], pool_rows(pool, scores, losses, order_idx))
+    utg = sum(float((u[n].double() * G[n].double()).sum()) for n in u)
+    summary = {
+        "uTG": utg, "sum_param": sum(float(t.double().sum()) for t in phi.values()), "sum_data": float(scores.sum()),
+        "order": cfg.order, "eta": cfg.eta, "lambda_new": cfg.lambda_new, "lambda_prior": cfg.lambda_prior,
+        "tau": cfg.tau, "confidence": cfg.confidence, "prior_normalisation": cfg.prior_normalisation,
+        "method": cfg.method, "stats_dtype": cfg.stats_dtype, "scored_at": "theta_0" if at_theta0 else "theta_w",
+        "curvature": c_path, "coverage": coverage(model), "passes": list(timings), "timings": timings,
+        "examples_per_s": len(pool) / sum(t["wall_time_s"] for k, t in timings.items() if k.startswith("pool")),
+        "u_term_norms": norms, "pool_size": len(pool), "target_size": len(target),
+        "anchor_indices": [pool[i].index for i in anchors], "skipped": skipped,
+        "mean_pool_loss": float(losses.mean()), "files": FILES, "wall_time_s": time.time() - t_start,
+        "file_meaning": {"param_scores": "phi_param = u*G", "u": "u", "v": "v = lambda_new v_new + lambda_prior "
+                         "v_prior", "grad_sum": "G = sum_n g_n over the pool", "data_scores": "phi_data[n] = <u, g_n>"},
+    }
+    write_json(out / FILES["summary"], summary)
+    log.info("uᵀG = %.6e  Σφ_param = %.6e  Σφ_data = %.6e  (%d examples, %s, order %d)", utg, summary["sum_param"],
+             summary["sum_data"], len(pool), cfg.method, cfg.order)
+    return 0
