@@ -83,10 +83,12 @@ def prepare_stage_dir(run_dir: str | os.PathLike, stage: str, metadata: dict, ov
 
     Returns the stage folder. If it exists with metadata that differs (outside VOLATILE and ``ignore``,
     given as dotted names), raises MetadataMismatchError naming the field, unless ``overwrite`` (then the
-    folder is cleared). Equal metadata keeps the folder (so a stage can resume).
+    folder is cleared). Equal metadata keeps the folder and its metadata.json untouched (so a stage can
+    resume, and later stages that fingerprint this metadata still match).
     """
     d = Path(run_dir) / stage
     meta_path = d / "metadata.json"
+    same = False
     if meta_path.exists():
         old = read_json(meta_path)
         diff = first_difference(_strip(old, ignore), _strip(metadata, ignore))
@@ -98,13 +100,15 @@ def prepare_stage_dir(run_dir: str | os.PathLike, stage: str, metadata: dict, ov
             )
         if diff and overwrite:
             shutil.rmtree(d)
+        same = diff is None
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ArtifactError(f"cannot create output folder {d}: {e.strerror}; choose a writable --run-dir") from e
     if not os.access(d, os.W_OK):
         raise ArtifactError(f"output folder {d} is not writable; choose a writable --run-dir")
-    write_json(meta_path, metadata)
+    if not same:  # an equal folder keeps its metadata.json byte for byte (later stages fingerprint it)
+        write_json(meta_path, metadata)
     return d
 
 

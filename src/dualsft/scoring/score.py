@@ -136,6 +136,9 @@ def main(cfg: ScoreConfig) -> int:
                           model_fingerprint=fp, data_files=data_files, extra={"scored_at": "theta_0" if at_theta0
                                                                              else "theta_w"})
     out = prepare_stage_dir(cfg.run_dir, "scores", meta, cfg.overwrite)
+    if all((out / f).exists() for f in FILES.values()):
+        log.info("%s is complete for these settings; nothing to do (pass --overwrite to redo it)", out)
+        return 0
     params = trainable_params(model)
     pad = tokenizer.pad_token_id
     timings: dict[str, dict[str, float]] = {}

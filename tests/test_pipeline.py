@@ -1,0 +1,73 @@
+"""`dualsft run` and `dualsft compare` end to end on a micro model (real reasoning-gym data, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dualsft.cli import main as cli
+from dualsft.io import read_jsonl
+from dualsft.models import load_model
+from dualsft.selection.mask import load_mask
+
+TINY = ["--pool-size", "30", "--val-size", "4", "--test-size", "4", "--stability-size", "2", "--humaneval-size", "0",
+        "--max-length", "640", "--score-batch-size", "4", "--batch-size", "4", "--micro-batch-size", "4",
+        "--epochs", "1", "--eval-max-examples", "2", "--eval-batch-size", "4", "--lambda-prior", "0.2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_run_writes_every_stage_and_a_report(tmp_path, micro_model_dir, capsys):
+    run = tmp_path / "run"
+    assert cli(["run", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY]) == 0
+    for f in ["data/pool.jsonl", "warmup/exp_avg_sq.safetensors", "scores/param_scores.safetensors",
+              "selection/subset.jsonl", "selection/mask.safetensors", "train/delta.safetensors", "eval/metrics.json",
+              "report.md", "data_score_hist.png", "timings.json"]:
+        assert (run / f).exists(), f
+    assert len(read_jsonl(run / "selection" / "subset.jsonl")) == 3  # 10% of 30
+    report = (run / "report.md").read_text()
+    assert "| target accuracy (exact match) |" in report and "Subset composition by pool task" in report
+    assert f"report: {run / 'report.md'}" in capsys.readouterr().out
+    # a rerun resumes: every stage finds its folder complete and the report is rewritten
+    assert cli(["run", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY]) == 0
+
+
+@pytest.mark.slow
+def test_compare_matches_budgets_across_methods(tmp_path, micro_model_dir):
+    run = tmp_path / "run"
+    methods = "dualsft,dualsft-data,random,sift->less,loss+magnitude"
+    assert cli(["compare", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY, "--methods", methods,
+                "--seeds", "0,1", "--less-dim", "64"]) == 0
+    out = run / "compare"
+    d = sum(p.numel() for p in load_model(str(micro_model_dir)).parameters())  # tied embedding counted once
+    k = int(0.1 * d + 0.5)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == set(methods.split(","))
+    for name, r in res["methods"].items():
+        assert [s["seed"] for s in r["seeds"]] == [0, 1]
+        assert r["summary"]["target acc"]["n"] == 2
+        for seed in (0, 1):
+            sel = out / name.replace("->", "-to-").replace("+", "_plus_") / f"seed{seed}" / "selection"
+            assert len(read_jsonl(sel / "subset.jsonl")) == 3, name
+            if r["param"] != "full":
+                idx, _ = load_mask(sel / "mask.safetensors")
+                assert sum(v.numel() for v in idx.values()) == k, name
+            else:
+                assert not (sel / "mask.safetensors").exists()
+    # the random method's selections differ between seeds; DualSFT's do not
+    rnd = [read_jsonl(out / "random" / f"seed{s}" / "selection" / "subset.jsonl") for s in (0, 1)]
+    assert [r["index"] for r in rnd[0]] != [r["index"] for r in rnd[1]]
+    dual = [read_jsonl(out / "dualsft" / f"seed{s}" / "selection" / "subset.jsonl") for s in (0, 1)]
+    assert [r["index"] for r in dual[0]] == [r["index"] for r in dual[1]]
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in methods.split(","))
+    assert (out / "tradeoff.png").exists() and (out / "scores.png").exists()
