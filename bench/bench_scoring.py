@@ -10,8 +10,8 @@ variant and excluded):
     (iv)  oracle      one backward per example (--method exact), on --oracle-n examples, scaled to N
 Timings are interleaved (each repeat runs every variant once), ratios are taken within a repeat, and the
 table shows medians: the machines are shared and noisy. Peak memory: each variant once in its own
-subprocess, reporting the growth of ru_maxrss (CPU) or torch.cuda.max_memory_allocated (GPU) over the
-state after loading the model and data. Writes bench/results/scoring.json.
+subprocess, reporting the peak growth of the resident set sampled every 5 ms (CPU) or of
+torch.cuda.max_memory_allocated (GPU) over the state after loading the model and data. Writes bench/results/scoring.json.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,9 +67,15 @@ def setup(model_name: str, n: int, batch_size: int, max_length: int, dtype: str,
     return model, bs, u
 
 
+def oracle_batches(bs: list, oracle_n: int) -> list:
+    """Evenly spaced batches (the pool is length-sorted: the first ones are the shortest) with ~oracle_n examples."""
+    k = max(1, min(len(bs), oracle_n // int(bs[0]["input_ids"].shape[0])))
+    return [bs[round(i * (len(bs) - 1) / max(1, k - 1))] for i in range(k)] if k > 1 else [bs[len(bs) // 2]]
+
+
 def variant_fn(name: str, model: Any, bs: list, u: dict, oracle_n: int) -> Callable[[], None]:
     params = trainable_params(model)
-    oracle_bs = bs[: max(1, oracle_n // bs[0]["input_ids"].shape[0])]
+    oracle_bs = oracle_batches(bs, oracle_n)
     return {
         "plain": lambda: gradient_sum(model, bs, params),
         "order1_ghost": lambda: score_pool(model, bs, u, "ghost", grad_sum=True),
@@ -87,10 +94,10 @@ def sync(device: str) -> None:
 def time_all(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     model, bs, u = setup(model_name, args.n, args.batch_size, args.max_length, args.dtype, args.device)
     N = sum(int(b["input_ids"].shape[0]) for b in bs)
-    oracle_examples = sum(int(b["input_ids"].shape[0]) for b in bs[: max(1, args.oracle_n // args.batch_size)])
-    fns = {v: variant_fn(v, model, bs, u, args.oracle_n) for v in VARIANTS}
+    oracle_examples = sum(int(b["input_ids"].shape[0]) for b in oracle_batches(bs, args.oracle_n))
+    fns = {v: variant_fn(v, model, bs, u, args.oracle_n) for v in args.variants.split(",")}
     gradient_sum(model, bs[:1], trainable_params(model))  # warm-up (lazy init, allocator) on one batch
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in fns}
     for r in range(args.repeats):
         for v, fn in fns.items():
             sync(args.device)
@@ -100,18 +107,24 @@ def time_all(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             times[v].append(dt * (N / oracle_examples if v == "oracle" else 1.0))
             print(f"  [{model_name} repeat {r}] {v:13s} {dt:8.2f} s", file=sys.stderr, flush=True)
-    ratios = {
+    ratios = {k: x for k, x in ratios_of(times).items() if x}
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in bs]
+    return {"N": N, "batch_size": args.batch_size, "max_tokens": max(lengths),
+            "mean_tokens": sum(int(b["attention_mask"].sum()) for b in bs) / N, "oracle_examples": oracle_examples,
+            "times_s": times, "median_s": {v: statistics.median(t) for v, t in times.items()},
+            "ratios": {k: statistics.median(x) for k, x in ratios.items()}, "ratios_all": ratios}
+
+
+def ratios_of(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-repeat ratios to the plain pass (order 2 = plain pass + rows pass); empty where not measured."""
+    times = {v: times.get(v, []) for v in VARIANTS}
+    return {
         "(ii) order1 ghost / plain": [a / p for a, p in zip(times["order1_ghost"], times["plain"])],
         "(ii) order1 jvp / plain": [a / p for a, p in zip(times["order1_jvp"], times["plain"])],
         "(iii) order2 ghost / plain": [(p + a) / p for a, p in zip(times["rows_ghost"], times["plain"])],
         "(iii) order2 jvp / plain": [(p + a) / p for a, p in zip(times["rows_jvp"], times["plain"])],
         "(iv) oracle / plain": [a / p for a, p in zip(times["oracle"], times["plain"])],
     }
-    lengths = [int(b["attention_mask"].sum(1).max()) for b in bs]
-    return {"N": N, "batch_size": args.batch_size, "max_tokens": max(lengths),
-            "mean_tokens": sum(int(b["attention_mask"].sum()) for b in bs) / N, "oracle_examples": oracle_examples,
-            "times_s": times, "median_s": {v: statistics.median(t) for v, t in times.items()},
-            "ratios": {k: statistics.median(x) for k, x in ratios.items()}, "ratios_all": ratios}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -124,9 +137,26 @@ def worker(args: argparse.Namespace) -> None:
         fn()
         print(json.dumps({"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}))
         return
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is a lifetime peak (model loading already set it), so sample the resident set during the run
+    base, peak, done = rss_mib(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
     fn()
-    print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+    done.set()
+    t.join()
+    print(json.dumps({"peak_mib": max(peak[0], rss_mib()) - base}))
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def memory_all(args: argparse.Namespace, model_name: str) -> dict[str, float]:
@@ -176,7 +206,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core box, 2 threads oversubscribe and run ~10x slower)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="skip timings (e.g. to add memory to a results file)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scoring.json"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -186,11 +218,17 @@ def main() -> None:
         return worker(args)
     results: dict[str, Any] = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name in args.models.split(","):
+        if args.memory_only:
+            print(json.dumps({name: memory_all(args, name)}), flush=True)
+            continue
         r = time_all(args, name)
         if not args.no_memory:
             r["peak_mib"] = memory_all(args, name)
         results[name] = r
-        print(table(name, r), flush=True)
+        if set(args.variants.split(",")) == set(VARIANTS):
+            print(table(name, r), flush=True)
+        else:
+            print(json.dumps({name: {"median_s": r["median_s"], "ratios": r["ratios"]}}, indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")

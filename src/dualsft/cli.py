@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "merge": "dualsft.training.merge",
     "eval": "dualsft.evaluation.evaluate",
     "compare": "dualsft.evaluation.compare",
+    "estimate": "dualsft.estimate",
     "info": "dualsft.info",
 }
 
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code (2 on a DualSFTError)."""
     parser, mods = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    from dualsft.distributed import env_world, shutdown
+
+    main_rank = env_world()[0] == 0  # under torchrun only rank 0 logs INFO; the others warnings and errors
+    logging.basicConfig(level=(logging.DEBUG if args.verbose else logging.INFO) if main_rank else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not hasattr(args, "_module"):
         parser.print_help()
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except DualSFTError as e:
         log.error("%s: %s", type(e).__name__, e)
         return 2
+    finally:
+        shutdown()  # leave the torch.distributed group a stage joined (no-op in one process)
 
 
 if __name__ == "__main__":

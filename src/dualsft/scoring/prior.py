@@ -85,9 +85,28 @@ def prior_gradient(model: torch.nn.Module, base_model: torch.nn.Module, anchor_b
     τ² Σ_i w_i ∇KL_i and Σ_i w_i, then divides by Z (``prior_normaliser``). Returns {name: tensor} in
     ``acc_dtype``, shaped like each parameter. Zero when the student equals the teacher (KL is minimal).
     """
+    prior_normaliser(1.0, normalisation)  # validate the option before any compute
+    acc, weight_sum = prior_gradient_sum(model, base_model, anchor_batches, params, tau, confidence, acc_dtype,
+                                         progress)
+    return normalise_prior(acc, weight_sum, normalisation)
+
+
+def normalise_prior(acc: dict[str, torch.Tensor], weight_sum: float, normalisation: str) -> dict[str, torch.Tensor]:
+    """v_prior = acc / Z from τ² Σ_i w_i ∇KL_i and Σ_i w_i over the WHOLE anchor set (summed over ranks first)."""
+    z = prior_normaliser(weight_sum, normalisation)
+    if z <= 0:
+        raise ConfigError("the anchor confidence weights sum to 0: use --confidence uniform or more anchors")
+    return {n: a / z for n, a in acc.items()}
+
+
+def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
+                       params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
+                       acc_dtype: torch.dtype = torch.float32,
+                       progress: object | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """(τ² Σ_i w_i ∇KL_i per parameter, Σ_i w_i) over ``anchor_batches``, not yet divided by Z: sums over
+    shards of the anchor set add up (data parallelism), the normalisation must see the global Σw."""
     if tau <= 0:
         raise ConfigError(f"--tau must be positive, got {tau}")
-    prior_normaliser(1.0, normalisation)  # validate the option before any compute
     names, tensors = list(params), list(params.values())
     device = tensors[0].device
     teacher_device = next(base_model.parameters()).device
@@ -110,10 +129,7 @@ def prior_gradient(model: torch.nn.Module, base_model: torch.nn.Module, anchor_b
         weight_sum += float(w.sum())
         if progress is not None:
             progress.update(int(ids.shape[0]))
-    z = prior_normaliser(weight_sum, normalisation)
-    if z <= 0:
-        raise ConfigError("the anchor confidence weights sum to 0: use --confidence uniform or more anchors")
-    return {n: a / z for n, a in acc.items()}
+    return acc, weight_sum
 
 
 def prior_objective(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],

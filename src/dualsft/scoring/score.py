@@ -8,6 +8,9 @@ Passes (each with a progress bar in examples/s; wall time recorded):
                where it is exactly zero)
     order 1:   pool       G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
     order 2:   pool_G     G = Σ_n g_n;   then u = ηv − ½η² c⊙G;   pool_rows  φ_data = ⟨u, g_n⟩
+Data parallel (``torchrun --nproc_per_node N -m dualsft score ...``): the target, anchor and pool examples
+are sharded across ranks (``dualsft.distributed.shard``); v_new, v_prior and G are all-reduced as SUMS and
+only then divided by the GLOBAL |V| and Σw; row scores are gathered back into pool order; rank 0 writes.
 Writes RUN/scores/ (the output contract; other stages read these names):
     param_scores.safetensors   φ_param = u⊙G, float32, one tensor per trainable parameter (tied once)
     data_scores.jsonl          one line per pool example, pool order: {"index", "score", "loss", "tokens", ...}
@@ -27,6 +30,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from dualsft import distributed as dist
 from dualsft.config import CommonConfig, opt
 from dualsft.data.formats import TokenizedExample, batches
 from dualsft.errors import ConfigError, MetadataMismatchError
@@ -34,8 +38,9 @@ from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
+from dualsft.scoring.prior import normalise_prior, prior_gradient_sum, prior_normaliser
 from dualsft.scoring.rows import score_pool
-from dualsft.scoring.stats import combine_u, gradient_sum, param_scores, prior_gradient, target_gradient, trainable_params
+from dualsft.scoring.stats import combine_u, gradient_sum, param_scores, trainable_params
 from dualsft.scoring.warmup import warmup_state
 
 log = logging.getLogger(__name__)
@@ -74,7 +79,8 @@ CONFIG = ScoreConfig
 def timed_pass(name: str, n: int, fn: Any, timings: dict[str, dict[str, float]]) -> Any:
     """Run fn(bar) under a tqdm bar of ``n`` examples; record wall time and examples/s under ``name``."""
     t0 = time.perf_counter()
-    with tqdm(total=n, unit="ex", desc=name) as bar:
+    mine = len(dist.shard(n, dist.rank(), dist.world_size()))  # this rank's examples; rank 0 shows its bar
+    with tqdm(total=mine, unit="ex", desc=name, disable=not dist.is_main()) as bar:
         out = fn(bar)
     wall = time.perf_counter() - t0
     timings[name] = {"wall_time_s": wall, "examples": n, "examples_per_s": n / wall if wall > 0 else float("inf")}
@@ -112,9 +118,35 @@ def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.
              "tokens": t.n_response_tokens, "length": len(t.input_ids), "truncated": t.truncated} for t in toks]
 
 
+def target_mean_gradient(model: torch.nn.Module, target: list[TokenizedExample], params: dict, batch_size: int,
+                         pad: int, acc_dtype: torch.dtype, bar: Any) -> dict[str, torch.Tensor]:
+    """v_new = mean over the WHOLE target set V of g_q: this rank's shard summed, all-reduced, ÷ |V|."""
+    if not target:
+        raise ConfigError("the target set is empty: v_new needs at least one target example")
+    mine, _ = dist.local_items(target)
+    acc = gradient_sum(model, batches(mine, batch_size, pad, sort_by_length=True), params, acc_dtype, bar)
+    dist.all_reduce_dict_(acc)
+    return {n: g / len(target) for n, g in acc.items()}
+
+
+def anchor_prior_gradient(model: torch.nn.Module, base: torch.nn.Module, anchors: list[TokenizedExample],
+                          params: dict, cfg: ScoreConfig, pad: int, acc_dtype: torch.dtype,
+                          bar: Any) -> dict[str, torch.Tensor]:
+    """v_prior over the whole anchor set: shard sums of τ²Σw∇KL and Σw all-reduced, then ÷ Z(global Σw)."""
+    prior_normaliser(1.0, cfg.prior_normalisation)  # validate the option before any compute
+    mine, _ = dist.local_items(anchors)
+    acc, wsum = prior_gradient_sum(model, base, batches(mine, cfg.batch_size, pad, sort_by_length=True), params,
+                                   cfg.tau, cfg.confidence, acc_dtype, bar)
+    dist.all_reduce_dict_(acc)
+    (wsum,) = dist.all_reduce_sum([wsum])
+    return normalise_prior(acc, wsum, cfg.prior_normalisation)
+
+
 def main(cfg: ScoreConfig) -> int:
     """Compute and write RUN/scores/ (see module docstring)."""
     t_start = time.time()
+    ctx = dist.dist_context(cfg.device)
+    device = dist.rank_device(cfg.device)
     if cfg.order not in (1, 2):
         raise ConfigError(f"--order must be 1 or 2, got {cfg.order}")
     warm = warmup_state(cfg.run_dir)
@@ -129,13 +161,16 @@ def main(cfg: ScoreConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)
     pool = load_split(cfg.pool, tokenizer, cfg, "pool")
     target = load_split(cfg.target, tokenizer, cfg, "target")
-    model = load_model(cfg.model if at_theta0 else warm["model_dir"], cfg.dtype, cfg.device)  # type: ignore[index]
+    model = load_model(cfg.model if at_theta0 else warm["model_dir"], cfg.dtype, device)  # type: ignore[index]
     fp = model_fingerprint(model)
     data_files = {"pool": cfg.pool, "target": cfg.target, **({"curvature": c_path} if c_path else {})}
     meta = build_metadata("scores", cfg, model_id=cfg.model if at_theta0 else warm["model_dir"],  # type: ignore[index]
                           model_fingerprint=fp, data_files=data_files, extra={"scored_at": "theta_0" if at_theta0
                                                                              else "theta_w"})
-    out = prepare_stage_dir(cfg.run_dir, "scores", meta, cfg.overwrite)
+    out = Path(cfg.run_dir) / "scores"
+    if ctx.is_main:  # one writer; the other ranks wait until the folder is ready
+        out = prepare_stage_dir(cfg.run_dir, "scores", meta, cfg.overwrite)
+    dist.barrier()
     if all((out / f).exists() for f in FILES.values()):
         log.info("%s is complete for these settings; nothing to do (pass --overwrite to redo it)", out)
         return 0
@@ -144,9 +179,8 @@ def main(cfg: ScoreConfig) -> int:
     timings: dict[str, dict[str, float]] = {}
     skipped: list[str] = []
 
-    target_b = batches(target, cfg.batch_size, pad, sort_by_length=True)
-    v_new = timed_pass("target", len(target), lambda bar: target_gradient(model, target_b, params, acc_dtype, bar),
-                       timings)
+    v_new = timed_pass("target", len(target), lambda bar: target_mean_gradient(
+        model, target, params, cfg.batch_size, pad, acc_dtype, bar), timings)
     v_prior, anchors = None, []
     if cfg.lambda_prior == 0:
         skipped.append("anchor pass: --lambda-prior 0")
@@ -156,27 +190,33 @@ def main(cfg: ScoreConfig) -> int:
         anchors = sample_positions(len(pool), cfg.anchor_ratio, cfg.seed + ANCHOR_SEED_OFFSET)
         if not anchors:
             raise ConfigError("--anchor-ratio gives no anchor example; raise it or pass --lambda-prior 0")
-        base = load_model(cfg.model, cfg.dtype, cfg.device)
-        anchor_b = batches([pool[i] for i in anchors], cfg.batch_size, pad, sort_by_length=True)
-        v_prior = timed_pass("anchor", len(anchors), lambda bar: prior_gradient(
-            model, base, anchor_b, params, cfg.tau, cfg.confidence, cfg.prior_normalisation, acc_dtype, bar), timings)
+        base = load_model(cfg.model, cfg.dtype, device)
+        v_prior = timed_pass("anchor", len(anchors), lambda bar: anchor_prior_gradient(
+            model, base, [pool[i] for i in anchors], params, cfg, pad, acc_dtype, bar), timings)
         del base
     for s in skipped:
         log.info("skipped %s", s)
 
-    pool_b = batches(pool, cfg.batch_size, pad, sort_by_length=True)  # less padding; indices travel along
+    mine, _ = dist.local_items(pool)  # this rank's shard of the pool (all of it in one process)
+    pool_b = batches(mine, cfg.batch_size, pad, sort_by_length=True)  # less padding; indices travel along
     order_idx = [int(i) for b in pool_b for i in b["index"]]
     if cfg.order == 1:
         u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1)
         scores, losses, G = timed_pass("pool", len(pool), lambda bar: score_pool(
             model, pool_b, u, cfg.method, grad_sum=True, acc_dtype=acc_dtype, progress=bar), timings)
+        dist.all_reduce_dict_(G)  # type: ignore[arg-type]
     else:
         G = timed_pass("pool_G", len(pool), lambda bar: gradient_sum(model, pool_b, params, acc_dtype, bar), timings)
+        dist.all_reduce_dict_(G)  # G = Σ_n g_n over the whole pool before u uses it
         u, v, norms = combine_u(v_new, v_prior, G, c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2)
         scores, losses, _ = timed_pass("pool_rows", len(pool), lambda bar: score_pool(
             model, pool_b, u, cfg.method, grad_sum=False, progress=bar), timings)
     assert G is not None
+    scores, losses, order_idx = gather_pool_rows(pool, scores, losses, order_idx)
     phi = param_scores(u, G)
+    if not ctx.is_main:  # rank 0 writes; the others wait for it and leave
+        dist.barrier()
+        return 0
     save_tensors(out / FILES["param_scores"], phi, metadata={"what": "phi_param = u*G"})
     save_tensors(out / FILES["u"], {n: t.float() for n, t in u.items()}, metadata={"what": "u"})
     save_tensors(out / FILES["v"], {n: t.float() for n, t in v.items()}, metadata={"what": "v"})
@@ -193,10 +233,21 @@ def main(cfg: ScoreConfig) -> int:
         "u_term_norms": norms, "pool_size": len(pool), "target_size": len(target),
         "anchor_indices": [pool[i].index for i in anchors], "skipped": skipped,
         "mean_pool_loss": float(losses.mean()), "files": FILES, "wall_time_s": time.time() - t_start,
+        "world_size": ctx.world_size,
         "file_meaning": {"param_scores": "phi_param = u*G", "u": "u", "v": "v = lambda_new v_new + lambda_prior "
                          "v_prior", "grad_sum": "G = sum_n g_n over the pool", "data_scores": "phi_data[n] = <u, g_n>"},
     }
     write_json(out / FILES["summary"], summary)
     log.info("uᵀG = %.6e  Σφ_param = %.6e  Σφ_data = %.6e  (%d examples, %s, order %d)", utg, summary["sum_param"],
              summary["sum_data"], len(pool), cfg.method, cfg.order)
+    dist.barrier()
     return 0
+
+
+def gather_pool_rows(pool: list[TokenizedExample], scores: torch.Tensor, losses: torch.Tensor,
+                     order_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """This rank's (φ_data, l) in its batch order -> every example's, in POOL order (scores, losses [N],
+    and the stable indices in pool order for ``pool_rows``). One process: just the reordering."""
+    position = {t.index: i for i, t in enumerate(pool)}
+    both = dist.gather_rows(torch.stack([scores, losses], 1), [position[i] for i in order_idx], len(pool))  # [N, 2]
+    return both[:, 0], both[:, 1], [t.index for t in pool]

@@ -14,6 +14,9 @@ Writes RUN/warmup/:
 scores at θ0, where only --order 1 is available unless --curvature FILE is given.
 Defaults follow the release: 10% of the pool, 1 epoch, lr 2e-5, weight decay 0, constant LR, effective
 batch 16 (micro-batches + gradient accumulation), loss = mean over the step's examples of l_n.
+Data parallel (``torchrun --nproc_per_node N -m dualsft warmup ...``): each step's examples are sharded
+across ranks, every rank divides by the GLOBAL step size, gradients are all-reduced before AdamW, so
+every rank holds the same θw; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dualsft import distributed as dist
 from dualsft.config import CommonConfig, opt
 from dualsft.data.formats import TokenizedExample, batches
 from dualsft.errors import ConfigError
@@ -85,22 +89,26 @@ def train_warmup(model: torch.nn.Module, toks: list[TokenizedExample], pad_id: i
     g = torch.Generator().manual_seed(seed)
     step_losses: list[float] = []
     model.train()
-    bar = tqdm(total=epochs * len(toks), unit="ex", desc="warmup", disable=not show_progress)
+    bar = tqdm(total=epochs * len(toks), unit="ex", desc="warmup", disable=not show_progress or not dist.is_main())
     for _ in range(epochs):
         order = torch.randperm(len(toks), generator=g).tolist()
-        micro = batches([toks[i] for i in order], micro_batch_size, pad_id)
-        for group in step_groups(micro, batch_size // micro_batch_size):
-            n_step = sum(int(b["input_ids"].shape[0]) for b in group)
+        for start in range(0, len(order), batch_size):
+            step = order[start:start + batch_size]
+            mine = [step[i] for i in dist.shard(len(step), dist.rank(), dist.world_size())]
+            group = batches([toks[i] for i in mine], micro_batch_size, pad_id)  # this rank's micro-batches
+            n_step = len(step)  # GLOBAL: every rank divides by the whole step's size
             total = 0.0
             for b in group:
                 losses = per_example_loss(model, model_inputs(b, device))
                 check_finite(losses, b)
                 (losses.sum() / n_step).backward()
                 total += float(losses.detach().sum())
-                bar.update(int(b["input_ids"].shape[0]))
+            dist.all_reduce_grads_(params)  # the step's summed gradient on every rank (manual DDP)
             opt_.step()
             opt_.zero_grad(set_to_none=True)
+            (total,) = dist.all_reduce_sum([total])
             step_losses.append(total / n_step)
+            bar.update(n_step)
             bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
     bar.close()
     model.eval()
@@ -121,29 +129,40 @@ def main(cfg: WarmupConfig) -> int:
     """Run the warm-up and write RUN/warmup/ (see module docstring)."""
     t0 = time.time()
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size)  # before anything is written
+    ctx = dist.dist_context(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     pool = load_split(cfg.pool, tokenizer, cfg, "pool")
     positions = sample_positions(len(pool), cfg.warmup_ratio, cfg.seed)
-    base = load_model(cfg.model, cfg.dtype, cfg.device, attn_implementation="sdpa")
+    base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation="sdpa")
     meta = build_metadata("warmup", cfg, model_id=cfg.model, model_fingerprint=model_fingerprint(base),
                           data_files={"pool": cfg.pool})
-    out = prepare_stage_dir(cfg.run_dir, "warmup", meta, cfg.overwrite)
-    if (out / "summary.json").exists() and (cfg.warmup_ratio == 0 or (out / "exp_avg_sq.safetensors").exists()):
+    out = Path(cfg.run_dir) / "warmup"
+    if ctx.is_main:  # one writer; the other ranks wait until the folder is ready
+        out = prepare_stage_dir(cfg.run_dir, "warmup", meta, cfg.overwrite)
+    dist.barrier()
+    done = (out / "summary.json").exists() and (cfg.warmup_ratio == 0 or (out / "exp_avg_sq.safetensors").exists())
+    dist.barrier()  # every rank has decided before rank 0 writes anything below
+    if done:
         log.info("%s is complete for these settings; nothing to do (pass --overwrite to redo it)", out)
         return 0
     indices = [pool[i].index for i in positions]
-    write_json(out / "warmup_indices.json", {"indices": indices, "positions": positions})
+    if ctx.is_main:
+        write_json(out / "warmup_indices.json", {"indices": indices, "positions": positions})
     summary: dict[str, Any] = {"warmup_ratio": cfg.warmup_ratio, "examples": len(positions), "pool_size": len(pool)}
     if not positions:
         log.info("--warmup-ratio 0: no warm-up; `dualsft score` will score at θ0 (first order only, unless "
                  "--curvature FILE is given)")
-        write_json(out / "summary.json", {**summary, "steps": 0, "theta_w": "theta_0"})
+        if ctx.is_main:
+            write_json(out / "summary.json", {**summary, "steps": 0, "theta_w": "theta_0"})
         return 0
     log.info("warm-up on %d of %d pool examples (ratio %g, seed %d)", len(positions), len(pool), cfg.warmup_ratio,
              cfg.seed)
     optimizer, step_losses = train_warmup(base, [pool[i] for i in positions], tokenizer.pad_token_id, cfg.epochs,
                                           cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.micro_batch_size, cfg.seed)
     model_dir = Path(out) / "model"
+    if not ctx.is_main:  # every rank holds the same θw; rank 0 writes it
+        dist.barrier()
+        return 0
     base.save_pretrained(str(model_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(model_dir))
     c = exp_avg_sq(base, optimizer)
@@ -151,6 +170,7 @@ def main(cfg: WarmupConfig) -> int:
     write_json(out / "summary.json", {**summary, "steps": len(step_losses), "step_losses": step_losses,
                                       "theta_w_fingerprint": model_fingerprint(base), "wall_time_s": time.time() - t0})
     log.info("wrote θw to %s and c (%d tensors) to %s", model_dir, len(c), out / "exp_avg_sq.safetensors")
+    dist.barrier()
     return 0
 
 

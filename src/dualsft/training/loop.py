@@ -7,11 +7,18 @@ Public API (stable; the comparison harness calls it for baselines):
     TrainResult                      trained model, per-step metrics, counts, optimizer memory
     lr_at(step, total, settings)     the learning-rate schedule
     step_examples(n, step, settings) which example positions an optimizer step uses
+    rank_examples(positions)         this rank's share of a step's positions (data parallelism)
 
 One optimizer step = ``batch_size`` examples (B) in micro-batches of ``micro_batch_size``; the loss of a
 step is the MEAN over its examples of l(z) (token-mean NLL over response tokens, METHOD.md §2), so
 accumulation gives the same gradient as one big batch. Data order: a seeded permutation per epoch, so
 the position in the data is just the step count and a checkpoint needs no iterator state.
+
+Data parallelism (``torchrun --nproc_per_node N -m dualsft train``): each step's B examples are split
+into N contiguous shards (``rank_examples``); every rank divides its summed loss by the GLOBAL B, the
+optimizer's gradient accumulators are summed across ranks (``all_reduce_grads``: for sparse training
+only the [k_p] selected entries travel), and every rank applies the same update, so N ranks equal one
+rank up to float summation order. Only rank 0 shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from dualsft import distributed as dist
 from dualsft.data.formats import TokenizedExample, collate
 from dualsft.errors import ConfigError, NonFiniteLossError
 from dualsft.losses import per_example_loss
@@ -131,6 +139,11 @@ def step_examples(n: int, step: int, settings: TrainSettings) -> list[int]:
     return epoch_order(n, settings.seed, epoch)[j * settings.batch_size:(j + 1) * settings.batch_size]
 
 
+def rank_examples(positions: list[int]) -> list[int]:
+    """This rank's contiguous share of one step's example positions (all of them in one process)."""
+    return [positions[i] for i in dist.shard(len(positions), dist.rank(), dist.world_size())]
+
+
 def lr_at(step: int, total: int, settings: TrainSettings) -> float:
     """Learning rate of 0-based step ``step``: linear warm-up, then constant / linear / cosine decay to 0."""
     peak, w = resolved_lr(settings), settings.warmup_steps
@@ -232,6 +245,8 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
     orig_flags = {n_: p.requires_grad for n_, p in model.named_parameters()}
     torch.manual_seed(settings.seed)
     model, updater, trained = build_updater(model, mask, settings)
+    # data parallelism: every rank must train the same entries on the same examples
+    dist.check_same([n, *_mask_checksum(mask)], "the training examples and the mask (count, k, index checksum)")
     model.train()
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "metrics": []}
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -240,24 +255,28 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         if state["step"]:
             log.info("resumed from checkpoint at step %d of %d", state["step"], total)
     t_start = time.time() - state["elapsed"]
-    bar = _progress(settings.progress, total, state["step"])
+    bar = _progress(settings.progress and dist.is_main(), total, state["step"])
     try:
         done_here = 0
         while state["step"] < total and (stop_after_steps is None or done_here < stop_after_steps):
             s = state["step"]
             pos = step_examples(n, s, settings)
-            mbs = [collate([examples[i] for i in pos[j:j + settings.micro_batch_size]], pad_token_id)
-                   for j in range(0, len(pos), settings.micro_batch_size)]
+            mine = rank_examples(pos)
+            mbs = [collate([examples[i] for i in mine[j:j + settings.micro_batch_size]], pad_token_id)
+                   for j in range(0, len(mine), settings.micro_batch_size)]
             lr = lr_at(s, total, settings)
             updater.lr = lr
+            # every rank divides by the GLOBAL step size len(pos): the summed gradients are the step's mean
             loss = accumulate_grads(model, mbs, len(pos), loss_fn, settings.autocast)
+            updater.all_reduce_grads()
             norm = updater.step(settings.max_grad_norm)
             updater.zero_grad()
             if not math.isfinite(norm):
                 idx = [int(examples[i].index) for i in pos]
                 raise NonFiniteLossError(f"non-finite gradient norm at step {s + 1} (examples {idx[:20]}); "
                                          "lower --lr or set --max-grad-norm", idx)
-            tokens = sum(int(mb["attention_mask"].sum()) for mb in mbs)
+            loss, tokens = dist.all_reduce_sum([loss, sum(int(mb["attention_mask"].sum()) for mb in mbs)])
+            tokens = int(tokens)
             state["step"], state["tokens"] = s + 1, state["tokens"] + tokens
             state["elapsed"] = time.time() - t_start
             state["metrics"].append({"step": s + 1, "epoch": (s + 1) / steps_per_epoch(n, settings), "loss": loss,
@@ -265,15 +284,17 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
                                      "time": round(state["elapsed"], 3)})
             done_here += 1
             _bar_update(bar, loss, state)
-            if ckpt is not None and settings.checkpoint_every > 0 and (s + 1) % settings.checkpoint_every == 0:
+            if (ckpt is not None and settings.checkpoint_every > 0 and (s + 1) % settings.checkpoint_every == 0
+                    and dist.is_main()):
                 save_checkpoint(ckpt, updater, state, _fingerprint_settings(settings))
     finally:
         if bar is not None:
             bar.close()
         if isinstance(updater, SparseAdamW):
             updater.remove_hooks()
-    if ckpt is not None and state["step"] >= total and settings.checkpoint_every > 0:
+    if ckpt is not None and state["step"] >= total and settings.checkpoint_every > 0 and dist.is_main():
         save_checkpoint(ckpt, updater, state, _fingerprint_settings(settings))
+    dist.barrier()  # rank 0's checkpoint is on disk before any rank moves on
     if settings.method != "lora":
         for n_, p in model.named_parameters():
             p.requires_grad_(orig_flags.get(n_, True))
@@ -283,6 +304,15 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         p.numel() for name, p in model.named_parameters() if name in trained_set)
     return TrainResult(model, settings.method, trained, state["metrics"], state["step"], total, state["tokens"],
                        state["elapsed"], k, updater.state_bytes())
+
+
+def _mask_checksum(mask: dict[str, torch.Tensor] | None) -> list[float]:
+    """[k, Σ indices (mod 2^31) over every tensor]: equal masks give equal numbers on every rank."""
+    if not mask:
+        return [0.0, 0.0]
+    k = sum(v.numel() for v in mask.values())
+    total = sum(int(v.to(torch.int64).sum()) for v in mask.values()) % (1 << 31)
+    return [float(k), float(total)]
 
 
 def _fingerprint_settings(settings: TrainSettings) -> dict:

@@ -52,6 +52,10 @@ class Updater(Protocol):
 
     def zero_grad(self) -> None: ...
 
+    def all_reduce_grads(self) -> None:
+        """Sum the accumulated gradients across ranks (no-op in one process)."""
+        ...
+
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
@@ -192,6 +196,21 @@ class SparseAdamW:
             s.grad_acc.zero_()
             s.got_grad = False
 
+    def all_reduce_grads(self) -> None:
+        """Data parallelism: sum the [k_p] accumulators across ranks, so ONLY the selected entries' values
+        travel (k numbers, not d). A slot counts as having a gradient if any rank gave it one. No-op in
+        a single process."""
+        from dualsft.distributed import all_reduce_dict_, world_size
+
+        if world_size() <= 1 or not self.slots:
+            return
+        bufs = {s.name: s.grad_acc for s in self.slots}
+        flags = torch.tensor([float(s.got_grad) for s in self.slots], dtype=torch.float64,
+                             device=self.slots[0].grad_acc.device)
+        all_reduce_dict_({**bufs, "::got_grad": flags})
+        for s, f in zip(self.slots, flags.tolist()):
+            s.got_grad = f > 0
+
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (call when training is over)."""
         for h in self._handles:
@@ -290,6 +309,14 @@ class DenseAdamW:
                 if n in before:
                     p.copy_(torch.where(self.keep[n], p, before[n]))
         return float(norm)
+
+    def all_reduce_grads(self) -> None:
+        """Data parallelism: sum the dense gradients of the trainable tensors across ranks (full FT, LoRA,
+        the dense-masked reference). A tensor no rank gave a gradient keeps ``grad = None``. No-op in a
+        single process."""
+        from dualsft.distributed import all_reduce_grads_
+
+        all_reduce_grads_(dict(self.named))
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

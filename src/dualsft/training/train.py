@@ -7,6 +7,10 @@
 
 Writes RUN/train/ (or --out): delta.safetensors (LoRA: adapter/), adapter.json, metrics.jsonl,
 loss_curve.png, metadata.json; checkpoints/ while running (a rerun of the same command resumes).
+
+Data parallel on N processes (each step's examples sharded; only the selected entries' gradients are
+all-reduced for sparse training; rank 0 writes everything):
+    torchrun --standalone --nproc_per_node N -m dualsft train --run-dir runs/demo
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from dualsft import distributed as dist
 from dualsft.config import CommonConfig, opt
 from dualsft.errors import ArtifactError
 from dualsft.io import read_json, write_json, write_jsonl
@@ -141,7 +146,7 @@ def save_artifacts(out: Path, result: TrainResult, mask: dict[str, torch.Tensor]
         "training": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "result": {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
                    "wall_time_s": round(result.wall_time_s, 2), "trainable_entries": result.trainable_entries,
-                   "optimizer_state_bytes": result.state_bytes},
+                   "optimizer_state_bytes": result.state_bytes, "world_size": dist.world_size()},
     })
 
 
@@ -151,9 +156,10 @@ def main(cfg: TrainConfig) -> int:
     from dualsft.models import load_model, load_tokenizer, model_fingerprint
     from dualsft.selection.mask import check_mask_matches, compact_indices, load_mask
 
+    ctx = dist.dist_context(cfg.device)
     data_path, mask_path, out = resolve_paths(cfg)
     rcfg = resolve_config(cfg, data_path, mask_path)
-    model = load_model(cfg.model, cfg.dtype, cfg.device, attn_implementation=cfg.attn_implementation)
+    model = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation=cfg.attn_implementation)
     tok = load_tokenizer(cfg.model)
     base = {"id": cfg.model, "fingerprint": model_fingerprint(model)}
     mask = None
@@ -164,10 +170,12 @@ def main(cfg: TrainConfig) -> int:
         mask = {n: compact_indices(v, numel[n]) for n, v in mask.items()}  # int32: the optimizer uses these as is
     files = {"train": data_path, **({"mask": mask_path} if mask_path else {})}
     meta = build_metadata("train", rcfg, cfg.model, base["fingerprint"], files)
-    out = prepare_stage_dir(out.parent, out.name, meta, overwrite=cfg.overwrite, ignore=RESULT_NEUTRAL)
-    if cfg.overwrite:
-        clear_checkpoints(out / "checkpoints")  # --overwrite: start over, never resume
-    elif (out / "adapter.json").exists() and read_json(out / "adapter.json").get("complete"):
+    if ctx.is_main:  # one writer; the others wait until the folder is ready
+        out = prepare_stage_dir(out.parent, out.name, meta, overwrite=cfg.overwrite, ignore=RESULT_NEUTRAL)
+        if cfg.overwrite:
+            clear_checkpoints(out / "checkpoints")  # --overwrite: start over, never resume
+    dist.barrier()
+    if not cfg.overwrite and (out / "adapter.json").exists() and read_json(out / "adapter.json").get("complete"):
         log.info("%s already holds a finished run with these settings; pass --overwrite to retrain", out)
         return 0
     toks = tokenize_examples(load_examples(data_path), tok, cfg.template, cfg.max_length, cfg.drop_empty,
@@ -177,8 +185,10 @@ def main(cfg: TrainConfig) -> int:
              f"k={summary['k']} of d={summary['d']}" if "k" in summary else f"d={summary['d']}")
     weights_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     result = train_restricted(model, toks, mask, rcfg, tok.pad_token_id, checkpoint_dir=out / "checkpoints")
-    save_artifacts(out, result, mask, rcfg, base, summary, weights_dtype)
-    if not cfg.keep_checkpoints:
-        clear_checkpoints(out / "checkpoints")
+    if ctx.is_main:
+        save_artifacts(out, result, mask, rcfg, base, summary, weights_dtype)
+        if not cfg.keep_checkpoints:
+            clear_checkpoints(out / "checkpoints")
+    dist.barrier()
     log.info("wrote %s (final loss %.4f, %d steps, %.1f s)", out, result.final_loss, result.steps, result.wall_time_s)
     return 0

@@ -1,0 +1,16 @@
+"""Fixtures of the multi-process tests (helpers live in dist_helpers.py: test modules import it by name)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process reference runs use one thread, like each torchrun worker (OMP_NUM_THREADS=1): on a shared
+    2-core machine more threads only oversubscribe, and both sides then run the same kernels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,45 @@
+"""`dualsft estimate`: exact parameter counts from configs on the meta device, and the per-rank arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dualsft.cli import main as cli
+from dualsft.errors import ConfigError
+from dualsft.estimate import GIB, EstimateConfig, load_config, model_dims, stage_memory
+
+
+@pytest.mark.parametrize("preset, params", [("smollm2-135m", 134_515_008), ("llama-3.2-3b", 3_212_749_824),
+                                            ("llama-3.1-8b", 8_030_261_248)])
+def test_presets_give_the_published_parameter_counts(preset, params):
+    assert model_dims(load_config(preset), preset).params == params  # tied embeddings counted once
+
+
+def test_statistics_placement_and_ranks():
+    m = model_dims(load_config("llama-3.2-3b"), "llama-3.2-3b")
+    rep = stage_memory(m, EstimateConfig(world_size=8, stats="replicated"))
+    shard = stage_memory(m, EstimateConfig(world_size=8, stats="sharded"))
+    off = stage_memory(m, EstimateConfig(world_size=8, stats="offload"))
+    key = "score (ghost/jvp rows, anchor pass)"
+    assert rep[key]["statistics_v_c_G_u"] == 16 * m.params  # float32 v, c, G, u: 4 × 4 bytes × d
+    assert shard[key]["statistics_v_c_G_u"] == 16 * m.params // 8 and off[key]["statistics_v_c_G_u"] == 0
+    assert rep[key]["weights"] == 2 * m.params  # bf16 weights, replicated
+    sparse = rep["train sparse (SparseAdamW, k entries)"]["sparse_state"]
+    assert sparse == 20 * int(0.1 * m.params)  # exp_avg, exp_avg_sq, accumulator, index, master
+
+
+def test_estimate_cli_json_and_errors(capsys, tmp_path):
+    assert cli(["estimate", "--model", "smollm2-135m", "--world-size", "2", "--stats", "sharded", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["params"] == 134_515_008 and all(v > 0 for v in out["gib_per_rank"].values())
+    assert out["bytes_per_rank"]["score (ghost/jvp rows, anchor pass)"]["weights"] / GIB == pytest.approx(0.25, rel=0.01)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "tie_word_embeddings": True}))
+    assert cli(["estimate", "--model", str(cfg)]) == 0
+    assert "P = d = 0.00B" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(str(tmp_path / "missing"))
