@@ -93,6 +93,16 @@ def data_files(cfg: RunConfig) -> dict[str, Path]:
     return files
 
 
+def refuse_multiprocess(command: str) -> None:
+    """The pipeline's data, selection and eval stages are single-process: under torchrun, say what to do."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"`dualsft {command}` runs in one process; under torchrun run the multi-process stages "
+                          "one by one (torchrun ... -m dualsft warmup / score / train), and data build, select and "
+                          "eval without torchrun (see docs/scaling.md)")
+
+
 def run_stage(name: str, fn: Any, cfg: Any, timings: dict[str, float]) -> None:
     """Run one stage's main(cfg), timing it; a non-zero exit code stops the pipeline."""
     log.info("=== %s ===", name)
@@ -110,6 +120,7 @@ def main(cfg: RunConfig) -> int:
     from dualsft.selection import select
     from dualsft.training import train
 
+    refuse_multiprocess("run")
     t0 = time.time()
     run = Path(cfg.run_dir)
     files = data_files(cfg)

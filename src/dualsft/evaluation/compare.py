@@ -32,7 +32,7 @@ from typing import Any
 from dualsft.config import opt
 from dualsft.errors import ConfigError
 from dualsft.io import read_json, read_jsonl, write_json
-from dualsft.pipeline import RunConfig, data_build_config, data_files, run_stage, stage_config
+from dualsft.pipeline import RunConfig, data_build_config, data_files, refuse_multiprocess, run_stage, stage_config
 from dualsft.report import get, histogram_plot, markdown_table, scatter_plot
 
 HELP = "compare DualSFT with matched-budget baselines and sequential hybrids over seeds (table + plots)"
@@ -100,6 +100,7 @@ def main(cfg: CompareConfig) -> int:
     from dualsft.data import build
     from dualsft.scoring import score, warmup
 
+    refuse_multiprocess("compare")
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     plan = {m: parse_method(m) for m in methods}
     seeds = parse_seeds(cfg.seeds)
