@@ -20,13 +20,13 @@ excluded: see docs/baselines.md. ``per_example_grads_loop`` is the slow oracle.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from dualsft.errors import ConfigError
 from dualsft.losses import per_example_loss
+from dualsft.scoring.ghost import frozen_with_leaf_embeddings
 
 Batch = dict[str, torch.Tensor]
 # callback(parameter name, per-example gradients [B, *param.shape])
@@ -97,29 +97,6 @@ def layer_grads(layer: Layer, a: torch.Tensor, e: torch.Tensor) -> Iterator[tupl
         yield layer.bias, e.sum(1)
 
 
-@contextmanager
-def _frozen_with_leaf_embeddings(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Freeze every parameter; embedding outputs become leaves requiring grad (collected in the list)."""
-    leaves: list[torch.Tensor] = []
-
-    def make_leaf(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        leaf = output.detach().requires_grad_(True)
-        leaves.append(leaf)
-        return leaf
-
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    handles = [m.register_forward_hook(make_leaf) for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    try:
-        yield leaves
-    finally:
-        for h in handles:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-
-
 def backward_per_example(model: torch.nn.Module, inputs: Batch, layers: Sequence[Layer],
                          callback: GradCallback) -> torch.Tensor:
     """One forward + one backward of Σ_n l_n over the batch; for every layer in ``layers`` the callback
@@ -148,7 +125,7 @@ def backward_per_example(model: torch.nn.Module, inputs: Batch, layers: Sequence
 
         return hook
 
-    with _frozen_with_leaf_embeddings(model) as leaves:
+    with frozen_with_leaf_embeddings(model) as leaves:
         handles = [ly.module.register_forward_hook(forward_hook(ly)) for ly in layers]
         try:
             losses = per_example_loss(model, inputs)  # [B]

@@ -22,7 +22,8 @@ the second-order row pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -98,24 +99,16 @@ class GhostScorer:
     @contextmanager
     def installed(self, model: torch.nn.Module) -> Any:
         """Install the hooks (and, for ``weight_grads=False``, freeze the parameters) for one pass."""
-        handles = []
-        frozen = []
-        if not self.weight_grads:
-            frozen = [p for p in model.parameters() if p.requires_grad]
-            for p in frozen:
-                p.requires_grad_(False)
-            # gradient must still flow: every embedding output becomes a differentiable leaf. These hooks
-            # are registered first, and a forward hook's returned output is what later hooks see.
-            handles += [m.register_forward_hook(_make_leaf) for m in model.modules()
-                        if isinstance(m, torch.nn.Embedding)]
-        handles += [mod.register_forward_hook(self._forward_hook(kind)) for _, mod, kind in self.modules]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            for p in frozen:
-                p.requires_grad_(True)
+        with contextlib.ExitStack() as stack:
+            if not self.weight_grads:
+                # registered first: a forward hook's returned output is what the later hooks see
+                stack.enter_context(frozen_with_leaf_embeddings(model))
+            handles = [mod.register_forward_hook(self._forward_hook(kind)) for _, mod, kind in self.modules]
+            try:
+                yield self
+            finally:
+                for h in handles:
+                    h.remove()
 
     def _forward_hook(self, kind: str) -> Any:
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -149,9 +142,29 @@ class GhostScorer:
         self.scores += total
 
 
-def _make_leaf(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the (frozen) embedding's output as a leaf that requires grad."""
-    return output.detach().requires_grad_(True)
+@contextlib.contextmanager
+def frozen_with_leaf_embeddings(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Freeze every parameter but keep gradients flowing to activations: each embedding output becomes a
+    leaf that requires grad (collected in the yielded list). The backward then computes only activation
+    gradients, which is all the per-example inner products need. Parameters are unfrozen on exit."""
+    leaves: list[torch.Tensor] = []
+
+    def make_leaf(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    handles = [m.register_forward_hook(make_leaf) for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        yield leaves
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
