@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
-from dist_helpers import copy_stage, rows_rel_diff, run_torchrun, tensors_rel_diff
+import torch
+from dist_helpers import copy_stage, rows_rel_diff, run_torchrun, tensors_rel_diff, torchrun_cmd
 
 from dualsft.cli import main as cli
-from dualsft.io import read_json, read_jsonl
+from dualsft.io import load_tensors, read_json, read_jsonl
 from dualsft.testing import byte_tokenizer, micro_llama, toy_records
 
 # Measured on the micro Llama (CPU, float32 weights and statistics), 1 vs 2 processes; see docs/scaling.md.
@@ -22,7 +27,7 @@ def score_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist_score")
     micro_llama(tied=True, seed=0).save_pretrained(d / "model")
     byte_tokenizer().save_pretrained(d / "model")
-    for name, n, seed in (("pool9", 9, 0), ("pool10", 10, 0), ("target", 5, 1)):
+    for name, n, seed in (("pool9", 9, 0), ("pool10", 10, 0), ("pool40", 40, 0), ("target", 5, 1)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_records(n, seed)))
     return d
 
@@ -88,3 +93,41 @@ def test_order1_score_two_processes_match_one_divisible_pool(score_inputs, tmp_p
     assert read_json(two / "scores" / "summary.json")["passes"] == ["target", "pool"]
     diffs = _compare_scores(one, two)
     assert max(diffs.values()) <= SCORE_RTOL, diffs
+
+
+def _batches_done(path) -> int:
+    try:
+        return int(json.loads(path.read_text())["batches_done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_two_process_score_resumes_bitwise_after_sigkill(score_inputs, tmp_path):
+    """2 ranks checkpoint their shards (progress/<pass>.rank<r>); SIGKILL torchrun and both workers mid-pool,
+    rerun with 2 ranks -> bitwise the uninterrupted 2-process result (docs/errors.md, "Resume")."""
+    d, clean, killed = score_inputs, tmp_path / "clean", tmp_path / "killed"
+    args = ["-m", "dualsft", *_score_args(d, clean, "pool40", "--order", "1", "--checkpoint-every", "1")]
+    run_torchrun(args)
+    again = [str(killed) if a == str(clean) else a for a in args]  # the same command into another run folder
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [*torchrun_cmd(), "--standalone", "--nproc_per_node=2", *again]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, t0 = killed / "scores" / "progress", time.monotonic()
+    while _batches_done(progress / "pool.rank1.json") < 3:
+        assert proc.poll() is None, "torchrun ended before it could be killed: make the pool bigger"
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.005)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in workers:  # the workers are torchrun's children: kill them too, or they finish the run
+        os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    assert workers and not (killed / "scores" / "summary.json").exists()
+    out = run_torchrun(again)
+    assert "pass pool resumes after" in out.stderr
+    for f in ("grad_sum.safetensors", "v.safetensors", "u.safetensors", "param_scores.safetensors"):
+        a, b = load_tensors(clean / "scores" / f), load_tensors(killed / "scores" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert (clean / "scores" / "data_scores.jsonl").read_bytes() == (killed / "scores" / "data_scores.jsonl").read_bytes()
+    assert not progress.exists()

@@ -38,10 +38,14 @@ LONG_PROMPT = "Please compute this sum with great care and show nothing but the 
 
 
 def assert_no_success(stage_dir: Path) -> None:
-    """The failing stage left nothing but (at most) its metadata.json: no result, summary or temp file."""
+    """The failing stage left nothing but (at most) its metadata.json and the progress/ of the passes it
+    did (resume state, docs/errors.md "Resume"): no result, summary or temp file."""
     if stage_dir.exists():
         left = sorted(p.name for p in stage_dir.iterdir())
-        assert set(left) <= {"metadata.json"}, f"{stage_dir} holds {left} after a failed run"
+        assert set(left) <= {"metadata.json", "progress"}, f"{stage_dir} holds {left} after a failed run"
+        if (stage_dir / "progress").exists():
+            kept = sorted(p.name for p in (stage_dir / "progress").iterdir())
+            assert all(n.endswith((".safetensors", ".json")) and not n.startswith(".") for n in kept), kept
 
 
 # --------------------------------------------------------------------------------------------- data files

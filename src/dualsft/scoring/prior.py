@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from dualsft.errors import ConfigError
 from dualsft.losses import IGNORE_INDEX
+from dualsft.scoring.progress import PassCheckpoint, prefixed, remaining, restore
 
 CONFIDENCE_MODES = ("max_prob", "uniform", "entropy_inv")
 NORMALISATIONS = ("weighted_mean", "release")
@@ -102,9 +103,11 @@ def normalise_prior(acc: dict[str, torch.Tensor], weight_sum: float, normalisati
 def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
                        params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
                        acc_dtype: torch.dtype = torch.float32,
-                       progress: object | None = None) -> tuple[dict[str, torch.Tensor], float]:
+                       progress: object | None = None,
+                       checkpoint: PassCheckpoint | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """(τ² Σ_i w_i ∇KL_i per parameter, Σ_i w_i) over ``anchor_batches``, not yet divided by Z: sums over
-    shards of the anchor set add up (data parallelism), the normalisation must see the global Σw."""
+    shards of the anchor set add up (data parallelism), the normalisation must see the global Σw.
+    ``checkpoint`` (scoring/progress.py) resumes from / saves the partial sums every few batches."""
     if tau <= 0:
         raise ConfigError(f"--tau must be positive, got {tau}")
     names, tensors = list(params), list(params.values())
@@ -112,7 +115,10 @@ def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anch
     teacher_device = next(base_model.parameters()).device
     acc = {n: torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for n, p in params.items()}
     weight_sum = 0.0
-    for batch in anchor_batches:
+    start, saved = checkpoint.load() if checkpoint is not None else (0, {})
+    if saved:
+        acc, weight_sum = restore(saved, "acc.", acc), float(saved["weight_sum"])
+    for done, batch in remaining(anchor_batches, start, progress):
         ids, att, labels = (batch[k] for k in ("input_ids", "attention_mask", "labels"))
         with torch.no_grad():
             t_logits = base_model(input_ids=ids.to(teacher_device), attention_mask=att.to(teacher_device),
@@ -129,6 +135,9 @@ def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anch
         weight_sum += float(w.sum())
         if progress is not None:
             progress.update(int(ids.shape[0]))
+        if checkpoint is not None:
+            checkpoint.after_batch(done, lambda ws=weight_sum: {**prefixed("acc.", acc),
+                                                            "weight_sum": torch.tensor(ws, dtype=torch.float64)})
     return acc, weight_sum
 
 

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from dualsft.errors import ConfigError
 from dualsft.losses import per_example_loss, per_example_loss_from_logits
 from dualsft.scoring.ghost import GhostScorer
+from dualsft.scoring.progress import PassCheckpoint, prefixed, remaining, restore
 from dualsft.scoring.stats import check_finite, model_inputs, trainable_params, zeros_like_params
 
 METHODS = ("jvp", "ghost", "exact")
@@ -52,9 +53,12 @@ def row_scores(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, tor
 
 def score_pool(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, torch.Tensor], method: str = "ghost",
                grad_sum: bool = False, acc_dtype: torch.dtype = torch.float32,
-               progress: Any | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+               progress: Any | None = None,
+               checkpoint: PassCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """One pass over the pool: (φ_data [N], l [N], G or None). ``grad_sum=True`` also accumulates
-    G = Σ_n g_n (in ``acc_dtype``) from the same backward: the first-order single pass."""
+    G = Σ_n g_n (in ``acc_dtype``) from the same backward: the first-order single pass.
+    ``checkpoint`` (scoring/progress.py) resumes from the saved row chunks (and partial G), skipping the
+    batches they cover, and saves them every few batches."""
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
     params = trainable_params(model)
@@ -63,8 +67,12 @@ def score_pool(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, tor
     step = {"jvp": _jvp_batch, "ghost": _ghost_batch, "exact": _exact_batch}[method]
     ghost = GhostScorer(model, u, weight_grads=grad_sum) if method == "ghost" else None
     all_scores, all_losses = [], []
+    start, saved = checkpoint.load() if checkpoint is not None else (0, {})
+    if saved:
+        all_scores, all_losses = [saved["scores"]], [saved["losses"]]
+        G = restore(saved, "G.", G) if G is not None else None
     device = next(iter(params.values())).device
-    for batch in batches:
+    for done, batch in remaining(batches, start, progress):
         inputs = model_inputs(batch, device)
         s, losses = step(model, inputs, params, u, G, ghost=ghost)
         check_finite(losses, batch)
@@ -72,7 +80,15 @@ def score_pool(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, tor
         all_losses.append(losses.detach().double().cpu())
         if progress is not None:
             progress.update(int(inputs["input_ids"].shape[0]))
+        if checkpoint is not None:
+            checkpoint.after_batch(done, lambda: _row_state(all_scores, all_losses, G))
     return torch.cat(all_scores), torch.cat(all_losses), G
+
+
+def _row_state(scores: list[torch.Tensor], losses: list[torch.Tensor],
+               G: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """What a pool pass has so far, as one flat dict for its progress file."""
+    return {"scores": torch.cat(scores), "losses": torch.cat(losses), **prefixed("G.", G or {})}
 
 
 def _add_grads(G: dict[str, torch.Tensor] | None, params: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:

@@ -11,6 +11,11 @@ Passes (each with a progress bar in examples/s; wall time recorded):
 Data parallel (``torchrun --nproc_per_node N -m dualsft score ...``): the target, anchor and pool examples
 are sharded across ranks (``dualsft.distributed.shard``); v_new, v_prior and G are all-reduced as SUMS and
 only then divided by the GLOBAL |V| and Σw; row scores are gathered back into pool order; rank 0 writes.
+Resume (``--checkpoint-every N``, batches; 0 = off): every pass saves its partial sums / row chunks every N
+batches and when it ends to RUN/scores/progress/<pass>.safetensors (+ .json; ``<pass>.rank<r>`` per rank
+under data parallelism, resumed only with the same world size). A rerun of the same command (equal
+metadata) skips finished passes and the done batches of the interrupted one, and gives bitwise the result
+of an uninterrupted run on CPU; --overwrite starts over. progress/ is deleted once the outputs are written.
 Writes RUN/scores/ (the output contract; other stages read these names):
     param_scores.safetensors   φ_param = u⊙G, float32, one tensor per trainable parameter (tied once)
     data_scores.jsonl          one line per pool example, pool order: {"index", "score", "loss", "tokens", ...}
@@ -22,6 +27,7 @@ Writes RUN/scores/ (the output contract; other stages read these names):
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,7 @@ from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.scoring.prior import normalise_prior, prior_gradient_sum, prior_normaliser
+from dualsft.scoring.progress import PROGRESS_DIR, PassCheckpoint
 from dualsft.scoring.rows import score_pool
 from dualsft.scoring.stats import combine_u, gradient_sum, param_scores, trainable_params
 from dualsft.scoring.warmup import warmup_state
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 HELP = "dual scores at θw: φ_param = u⊙G per parameter entry and φ_data = ⟨u, g_n⟩ per pool example"
 FILES = {"param_scores": "param_scores.safetensors", "data_scores": "data_scores.jsonl", "u": "u.safetensors",
          "v": "v.safetensors", "grad_sum": "grad_sum.safetensors", "summary": "summary.json"}
+RESULT_NEUTRAL = ("config.checkpoint_every",)  # options that never change the scores: a rerun may change them
 ANCHOR_SEED_OFFSET = 1  # the anchor slice uses seed+1 so it differs from the warm-up slice of the same seed
 
 
@@ -71,6 +79,8 @@ class ScoreConfig(CommonConfig):
         "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic), exact (one backward per example; slow)")
     curvature: str = opt("", "safetensors file of c per parameter (default: RUN/warmup/exp_avg_sq.safetensors)")
     stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
+    checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
+                                "so a rerun resumes after a kill (0: off)")
 
 
 CONFIG = ScoreConfig
@@ -118,25 +128,35 @@ def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.
              "tokens": t.n_response_tokens, "length": len(t.input_ids), "truncated": t.truncated} for t in toks]
 
 
+def pass_checkpoint(progress_dir: Path | None, name: str, every: int, pass_batches: list) -> PassCheckpoint | None:
+    """The progress checkpoint of one pass (None when there is no progress folder)."""
+    return None if progress_dir is None else PassCheckpoint(progress_dir, name, every, len(pass_batches))
+
+
 def target_mean_gradient(model: torch.nn.Module, target: list[TokenizedExample], params: dict, batch_size: int,
-                         pad: int, acc_dtype: torch.dtype, bar: Any) -> dict[str, torch.Tensor]:
-    """v_new = mean over the WHOLE target set V of g_q: this rank's shard summed, all-reduced, ÷ |V|."""
+                         pad: int, acc_dtype: torch.dtype, bar: Any, progress_dir: Path | None = None,
+                         every: int = 0) -> dict[str, torch.Tensor]:
+    """v_new = mean over the WHOLE target set V of g_q: this rank's shard summed, all-reduced, ÷ |V|.
+    ``progress_dir``/``every``: resume / save this rank's partial sum (scoring/progress.py)."""
     if not target:
         raise ConfigError("the target set is empty: v_new needs at least one target example")
     mine, _ = dist.local_items(target)
-    acc = gradient_sum(model, batches(mine, batch_size, pad, sort_by_length=True), params, acc_dtype, bar)
+    b = batches(mine, batch_size, pad, sort_by_length=True)
+    acc = gradient_sum(model, b, params, acc_dtype, bar, pass_checkpoint(progress_dir, "target", every, b))
     dist.all_reduce_dict_(acc)
     return {n: g / len(target) for n, g in acc.items()}
 
 
 def anchor_prior_gradient(model: torch.nn.Module, base: torch.nn.Module, anchors: list[TokenizedExample],
                           params: dict, cfg: ScoreConfig, pad: int, acc_dtype: torch.dtype,
-                          bar: Any) -> dict[str, torch.Tensor]:
-    """v_prior over the whole anchor set: shard sums of τ²Σw∇KL and Σw all-reduced, then ÷ Z(global Σw)."""
+                          bar: Any, progress_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """v_prior over the whole anchor set: shard sums of τ²Σw∇KL and Σw all-reduced, then ÷ Z(global Σw).
+    ``progress_dir``: resume / save this rank's partial sums every --checkpoint-every batches."""
     prior_normaliser(1.0, cfg.prior_normalisation)  # validate the option before any compute
     mine, _ = dist.local_items(anchors)
-    acc, wsum = prior_gradient_sum(model, base, batches(mine, cfg.batch_size, pad, sort_by_length=True), params,
-                                   cfg.tau, cfg.confidence, acc_dtype, bar)
+    b = batches(mine, cfg.batch_size, pad, sort_by_length=True)
+    acc, wsum = prior_gradient_sum(model, base, b, params, cfg.tau, cfg.confidence, acc_dtype, bar,
+                                   pass_checkpoint(progress_dir, "anchor", cfg.checkpoint_every, b))
     dist.all_reduce_dict_(acc)
     (wsum,) = dist.all_reduce_sum([wsum])
     return normalise_prior(acc, wsum, cfg.prior_normalisation)
@@ -169,10 +189,15 @@ def main(cfg: ScoreConfig) -> int:
                                                                              else "theta_w"})
     out = Path(cfg.run_dir) / "scores"
     if ctx.is_main:  # one writer; the other ranks wait until the folder is ready
-        out = prepare_stage_dir(cfg.run_dir, "scores", meta, cfg.overwrite)
+        out = prepare_stage_dir(cfg.run_dir, "scores", meta, cfg.overwrite, ignore=RESULT_NEUTRAL)
+        if cfg.overwrite:  # --overwrite starts over, never resumes
+            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     dist.barrier()
+    progress_dir = out / PROGRESS_DIR if cfg.checkpoint_every > 0 else None
     if all((out / f).exists() for f in FILES.values()):
         log.info("%s is complete for these settings; nothing to do (pass --overwrite to redo it)", out)
+        if ctx.is_main:
+            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # left over by a kill after the last write
         return 0
     params = trainable_params(model)
     pad = tokenizer.pad_token_id
@@ -180,7 +205,7 @@ def main(cfg: ScoreConfig) -> int:
     skipped: list[str] = []
 
     v_new = timed_pass("target", len(target), lambda bar: target_mean_gradient(
-        model, target, params, cfg.batch_size, pad, acc_dtype, bar), timings)
+        model, target, params, cfg.batch_size, pad, acc_dtype, bar, progress_dir, cfg.checkpoint_every), timings)
     v_prior, anchors = None, []
     if cfg.lambda_prior == 0:
         skipped.append("anchor pass: --lambda-prior 0")
@@ -192,7 +217,7 @@ def main(cfg: ScoreConfig) -> int:
             raise ConfigError("--anchor-ratio gives no anchor example; raise it or pass --lambda-prior 0")
         base = load_model(cfg.model, cfg.dtype, device)
         v_prior = timed_pass("anchor", len(anchors), lambda bar: anchor_prior_gradient(
-            model, base, [pool[i] for i in anchors], params, cfg, pad, acc_dtype, bar), timings)
+            model, base, [pool[i] for i in anchors], params, cfg, pad, acc_dtype, bar, progress_dir), timings)
         del base
     for s in skipped:
         log.info("skipped %s", s)
@@ -200,17 +225,21 @@ def main(cfg: ScoreConfig) -> int:
     mine, _ = dist.local_items(pool)  # this rank's shard of the pool (all of it in one process)
     pool_b = batches(mine, cfg.batch_size, pad, sort_by_length=True)  # less padding; indices travel along
     order_idx = [int(i) for b in pool_b for i in b["index"]]
+    every = cfg.checkpoint_every
     if cfg.order == 1:
         u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1)
         scores, losses, G = timed_pass("pool", len(pool), lambda bar: score_pool(
-            model, pool_b, u, cfg.method, grad_sum=True, acc_dtype=acc_dtype, progress=bar), timings)
+            model, pool_b, u, cfg.method, grad_sum=True, acc_dtype=acc_dtype, progress=bar,
+            checkpoint=pass_checkpoint(progress_dir, "pool", every, pool_b)), timings)
         dist.all_reduce_dict_(G)  # type: ignore[arg-type]
     else:
-        G = timed_pass("pool_G", len(pool), lambda bar: gradient_sum(model, pool_b, params, acc_dtype, bar), timings)
+        G = timed_pass("pool_G", len(pool), lambda bar: gradient_sum(
+            model, pool_b, params, acc_dtype, bar, pass_checkpoint(progress_dir, "pool_G", every, pool_b)), timings)
         dist.all_reduce_dict_(G)  # G = Σ_n g_n over the whole pool before u uses it
         u, v, norms = combine_u(v_new, v_prior, G, c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2)
         scores, losses, _ = timed_pass("pool_rows", len(pool), lambda bar: score_pool(
-            model, pool_b, u, cfg.method, grad_sum=False, progress=bar), timings)
+            model, pool_b, u, cfg.method, grad_sum=False, progress=bar,
+            checkpoint=pass_checkpoint(progress_dir, "pool_rows", every, pool_b)), timings)
     assert G is not None
     scores, losses, order_idx = gather_pool_rows(pool, scores, losses, order_idx)
     phi = param_scores(u, G)
@@ -238,6 +267,7 @@ def main(cfg: ScoreConfig) -> int:
                          "v_prior", "grad_sum": "G = sum_n g_n over the pool", "data_scores": "phi_data[n] = <u, g_n>"},
     }
     write_json(out / FILES["summary"], summary)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # every output is written: nothing left to resume
     log.info("uᵀG = %.6e  Σφ_param = %.6e  Σφ_data = %.6e  (%d examples, %s, order %d)", utg, summary["sum_param"],
              summary["sum_data"], len(pool), cfg.method, cfg.order)
     dist.barrier()

@@ -23,6 +23,7 @@ import torch
 from dualsft.errors import ConfigError, NonFiniteLossError
 from dualsft.losses import per_example_loss
 from dualsft.scoring.prior import prior_gradient  # noqa: F401  (re-exported: part of this module's API)
+from dualsft.scoring.progress import PassCheckpoint, remaining, restore
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,22 @@ def model_inputs(batch: Batch, device: torch.device) -> Batch:
 
 
 def gradient_sum(model: torch.nn.Module, batches: Iterable[Batch], params: Mapping[str, torch.nn.Parameter],
-                 acc_dtype: torch.dtype = torch.float32, progress: object | None = None) -> ParamDict:
+                 acc_dtype: torch.dtype = torch.float32, progress: object | None = None,
+                 checkpoint: PassCheckpoint | None = None) -> ParamDict:
     """G = Σ_n g_n = ∇_θ Σ_n l_n(θ) over every example of ``batches`` (METHOD.md §4: a SUM, not a mean).
 
     One ordinary backward of the summed loss per batch; ``params`` are the tensors differentiated (see
     ``trainable_params``). Returns {name: tensor shaped like the parameter} in ``acc_dtype``.
-    ``progress`` is an optional tqdm bar advanced by the batch size.
+    ``progress`` is an optional tqdm bar advanced by the batch size. ``checkpoint`` (scoring/progress.py)
+    resumes from saved partial sums, skipping the batches they cover, and saves them as the loop goes.
     """
     names, tensors = list(params), list(params.values())
     acc = zeros_like_params(params, acc_dtype)
+    start, saved = checkpoint.load() if checkpoint is not None else (0, {})
+    if saved:
+        acc = restore(saved, "", acc)
     device = tensors[0].device
-    for batch in batches:
+    for done, batch in remaining(batches, start, progress):
         losses = per_example_loss(model, model_inputs(batch, device))  # [B]
         check_finite(losses, batch)
         grads = torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
@@ -76,6 +82,8 @@ def gradient_sum(model: torch.nn.Module, batches: Iterable[Batch], params: Mappi
                 acc[n] += g.to(acc_dtype)
         if progress is not None:
             progress.update(len(losses))
+        if checkpoint is not None:
+            checkpoint.after_batch(done, lambda: acc)
     return acc
 
 

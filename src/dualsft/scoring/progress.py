@@ -1,0 +1,93 @@
+"""Progress checkpoints of the scoring passes, so `dualsft score` resumes after a kill (docs/errors.md, "Resume").
+
+A pass (target, anchor, pool, pool_G, pool_rows) that is given a ``PassCheckpoint`` saves its partial
+accumulators every ``every`` batches, and once more when it ends, to
+
+    RUN/scores/progress/<pass>.safetensors      the partial sums / row chunks so far (exact dtypes)
+    RUN/scores/progress/<pass>.json             {"pass", "batches_done", "n_batches", "rank", "world_size"}
+
+(with ``.rank<r>`` before the suffix under data parallelism: each rank checkpoints its own shard). The
+safetensors file is written atomically and carries the same facts in its header, which is what a resume
+reads; the JSON is for people and tests. On a rerun the pass skips the done batches and keeps adding to
+the saved sums in the same order, so the result is bitwise that of an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dualsft import distributed as dist
+from dualsft.io import load_tensors, save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+PROGRESS_DIR = "progress"
+
+
+class PassCheckpoint:
+    """Save / restore the partial state of one batch loop (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, name: str, every: int, n_batches: int) -> None:
+        """``folder``: RUN/scores/progress; ``every``: batches between saves (0: never save nor resume)."""
+        self.name, self.every, self.n_batches = name, int(every), int(n_batches)
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        stem = name if self.world_size == 1 else f"{name}.rank{self.rank}"
+        self.path = Path(folder) / f"{stem}.safetensors"
+        self.info_path = Path(folder) / f"{stem}.json"
+
+    def _info(self, done: int) -> dict[str, int | str]:
+        return {"pass": self.name, "batches_done": done, "n_batches": self.n_batches, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(batches done, saved tensors); (0, {}) when off, absent, or made for another sharding."""
+        if self.every <= 0 or not self.path.exists():
+            return 0, {}
+        with safe_open(str(self.path), framework="pt") as f:
+            header = f.metadata() or {}
+        expected = {k: str(v) for k, v in self._info(0).items() if k != "batches_done"}
+        if any(header.get(k) != v for k, v in expected.items()):
+            log.warning("ignoring %s: made for %s, not %s; this pass starts over", self.path, header, expected)
+            return 0, {}
+        done = int(header["batches_done"])
+        log.info("pass %s resumes after %d of %d batches (%s)", self.name, done, self.n_batches, self.path)
+        return done, load_tensors(self.path)
+
+    def save(self, done: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Atomically write the state after ``done`` batches (tensors first, then the JSON note)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        info = self._info(done)
+        save_tensors(self.path, tensors, metadata={k: str(v) for k, v in info.items()})
+        write_json(self.info_path, info)
+
+    def after_batch(self, done: int, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Save ``state()`` when ``done`` is a multiple of ``every`` or the last batch (no-op when off)."""
+        if self.every > 0 and (done % self.every == 0 or done == self.n_batches):
+            self.save(done, state())
+
+
+def remaining(batches: Iterable[Batch], start: int, progress: object | None = None) -> Iterator[tuple[int, Batch]]:
+    """(batches done after this one, batch) for the batches after the first ``start``; the skipped ones
+    only advance the ``progress`` bar by their size."""
+    for i, batch in enumerate(batches):
+        if i < start:
+            if progress is not None:
+                progress.update(int(batch["input_ids"].shape[0]))  # type: ignore[attr-defined]
+            continue
+        yield i + 1, batch
+
+
+def restore(saved: dict[str, torch.Tensor], prefix: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved ``prefix + name`` tensors as accumulators on ``like``'s devices and dtypes (exact copies)."""
+    return {n: saved[prefix + n].to(device=t.device, dtype=t.dtype) for n, t in like.items()}
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under ``prefix + name`` (several groups share one progress file)."""
+    return {prefix + n: t for n, t in tensors.items()}
