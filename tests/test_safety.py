@@ -19,6 +19,6 @@ def test_no_pickle_and_no_unsafe_torch_load():
                 offenders.append(f"{f.name}:{n}: {line.strip()}")
             if "torch.load(" in code and "weights_only=True" not in code:
                 offenders.append(f"{f.name}:{n}: {line.strip()}")
-            if re.search(r"\.save\(|torch\.save\(", code) and "save_pretrained" not in code and "savefig" not in code:
+            if re.search(r"\btorch\.save\(|\bnp\.save\(|allow_pickle\s*=\s*True", code):
                 offenders.append(f"{f.name}:{n}: {line.strip()}")
     assert not offenders, "unsafe serialisation:\n" + "\n".join(offenders)
