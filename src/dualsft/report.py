@@ -52,21 +52,11 @@ def _plt():
     return plt
 
 
-def bar_plot(path: str | Path, groups: dict[str, dict[str, tuple[float, float]]], title: str, ylabel: str) -> None:
-    """Grouped bars: {group (x tick): {series: (mean, err)}} -> PNG."""
-    plt = _plt()
-    series = sorted({s for g in groups.values() for s in g})
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(groups) * max(1, len(series)) / 2), 3.6))
-    width = 0.8 / max(1, len(series))
-    for i, s in enumerate(series):
-        xs = [j + i * width for j in range(len(groups))]
-        vals = [groups[g].get(s, (float("nan"), 0.0)) for g in groups]
-        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=s, capsize=3)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels(list(groups), rotation=15, ha="right")
+def _finish(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label the axes, save the figure as PNG and free it."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -80,13 +70,8 @@ def scatter_plot(path: str | Path, points: dict[str, tuple[float, float, float, 
     for label, (x, xe, y, ye) in points.items():
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=label)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, xlabel, ylabel, title)
 
 
 def histogram_plot(path: str | Path, values: dict[str, Sequence[float]], xlabel: str, title: str, bins: int = 40) -> None:
@@ -96,10 +81,5 @@ def histogram_plot(path: str | Path, values: dict[str, Sequence[float]], xlabel:
     for label, v in values.items():
         if len(v):
             ax.hist(list(v), bins=bins, alpha=0.55, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, xlabel, "count", title)
