@@ -322,8 +322,9 @@ def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, 
     points = {name: (r["summary"]["stability loss"]["mean"], r["summary"]["stability loss"]["std"],
                      100 * r["summary"]["target acc"]["mean"], 100 * r["summary"]["target acc"]["std"])
               for name, r in results.items()}
-    points["base"] = (get(base, *METRICS["stability loss"]) or float("nan"), 0.0,
-                      100 * (get(base, *METRICS["target acc"]) or float("nan")), 0.0)
+    base_x, base_y = get(base, *METRICS["stability loss"]), get(base, *METRICS["target acc"])
+    points["base"] = (float("nan") if base_x is None else base_x, 0.0,
+                      float("nan") if base_y is None else 100 * base_y, 0.0)  # 0% accuracy is a real point
     scatter_plot(out / "tradeoff.png", points, "stability loss on held-out tasks (lower = less forgetting)",
                  "target accuracy % (higher = more plasticity)", "stability vs plasticity at matched budgets")
     plot_score_distributions(cfg, out, results)
