@@ -20,13 +20,18 @@ from dualsft.selection.mask import save_mask
 
 def subset_rows(selection: BaselineSelection, pool: Sequence[Example]) -> list[dict]:
     """Original record of every chosen example + its stable "index" + "score" (None when unscored)."""
+    return chosen_rows(selection.subset, selection.subset_scores, pool)
+
+
+def chosen_rows(subset: Sequence[int], scores: dict[int, float] | None, pool: Sequence[Example]) -> list[dict]:
+    """``subset_rows`` for a bare subset (stable indices) and its optional {index: score}."""
     by_index = {e.index: e for e in pool}
-    missing = [i for i in selection.subset if i not in by_index]
+    missing = [i for i in subset if i not in by_index]
     if missing:
         raise ConfigError(f"the selection names {len(missing)} example(s) not in the pool (e.g. {missing[:5]}): "
                           "pass the same pool the batches were built from")
-    scores = selection.subset_scores or {}
-    return [{**by_index[i].record, "index": i, "score": scores.get(i)} for i in selection.subset]
+    scores = scores or {}
+    return [{**by_index[i].record, "index": i, "score": scores.get(i)} for i in subset]
 
 
 def train_hint(selection: BaselineSelection) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 from dualsft.config import opt
 from dualsft.errors import ConfigError
-from dualsft.io import read_json, read_jsonl, write_json
+from dualsft.io import read_json, read_jsonl, write_json, write_jsonl
 from dualsft.pipeline import RunConfig, data_build_config, data_files, refuse_multiprocess, run_stage, stage_config
 from dualsft.report import get, histogram_plot, markdown_table, scatter_plot
 
@@ -69,7 +69,12 @@ def parse_method(name: str) -> tuple[str, str, str]:
     if name in ALIASES:
         return ALIASES[name]
     if "+" in name:
+        from dualsft.baselines.registry import DATA_SELECTORS, PARAM_SELECTORS
+
         data, param = name.split("+", 1)
+        if data not in {*DATA_SELECTORS, "dualsft"} or param not in {*PARAM_SELECTORS, "dualsft"}:
+            raise ConfigError(f"unknown method {name!r}: DATA+PARAM takes DATA in {sorted({*DATA_SELECTORS, 'dualsft'})}"
+                              f" and PARAM in {sorted({*PARAM_SELECTORS, 'dualsft'})}")
         return data, param, "independent"
     raise ConfigError(f"unknown method {name!r}: use one of {sorted(ALIASES)} or DATA+PARAM")
 
@@ -168,12 +173,12 @@ def select_for(cfg: CompareConfig, name: str, data_m: str, param_m: str, order: 
     if (sel / "summary.json").exists() and (sel / "subset.jsonl").exists():
         return sel, read_json(sel / "summary.json").get("compare_cost", {})
     if "dualsft" in (data_m, param_m):
-        return sel, select_dualsft(cfg, data_m, param_m, order, seed, sel, files)
+        return sel, select_dualsft(cfg, data_m, param_m, order, seed, sel, files, ctx_cache)
     return sel, select_baseline_for(cfg, data_m, param_m, order, seed, sel, files, ctx_cache)
 
 
 def select_dualsft(cfg: CompareConfig, data_m: str, param_m: str, order: str, seed: int, sel: Path,
-                   files: dict[str, Path]) -> dict:
+                   files: dict[str, Path], cache: dict[int, Any]) -> dict:
     """DualSFT (and its single-axis variants) through the real `dualsft select` stage."""
     from dualsft.selection import select
 
@@ -186,15 +191,43 @@ def select_dualsft(cfg: CompareConfig, data_m: str, param_m: str, order: str, se
     cost["wall_s"] += time.time() - t0
     cost["note"] = "shared DualSFT scoring passes + this selection" + (f" with {rounds} joint round(s)" if rounds else "")
     summary = read_json(sel / "summary.json")
-    if data_m == "all":  # single-axis: the whole pool
-        import shutil
-
-        shutil.copyfile(files["pool"], sel / "subset.jsonl")
-    if param_m == "full":
-        (sel / "mask.safetensors").unlink(missing_ok=True)
+    cost["examples_processed"] += sum((summary.get("surrogate") or {}).get("passes", {}).values())
+    if data_m != "dualsft" or param_m != "dualsft":  # single-axis variants and DualSFT paired with a baseline
+        other = replace_axis(cfg, data_m, param_m, seed, sel, files, cache)
+        cost["wall_s"] += other["wall_s"]
+        cost["examples_processed"] += other["examples_processed"]
+        summary["info"] = other.pop("info")
+        summary["replaced_axis"] = other
     summary["compare_cost"] = cost
     write_json(sel / "summary.json", summary)
     return cost
+
+
+def replace_axis(cfg: CompareConfig, data_m: str, param_m: str, seed: int, sel: Path, files: dict[str, Path],
+                 cache: dict[int, Any]) -> dict[str, Any]:
+    """Overwrite the non-DualSFT axis of a DualSFT selection in ``sel`` with that axis's baseline (no mask for
+    full / LoRA, the whole pool for all), chosen independently at the same budget. Returns the axis's cost
+    record plus "info" (e.g. the LoRA rank) for the summary."""
+    from dualsft.baselines.registry import DATA_SELECTORS, PARAM_SELECTORS
+    from dualsft.baselines.writer import chosen_rows
+    from dualsft.scoring.stats import trainable_params
+    from dualsft.selection.mask import save_mask
+
+    ctx, pool = baseline_context(cfg, files, seed, cache)
+    record: dict[str, Any] = {"wall_s": 0.0, "examples_processed": 0, "info": {}}
+    if data_m != "dualsft":
+        d = DATA_SELECTORS[data_m](ctx, None)
+        write_jsonl(sel / "subset.jsonl", chosen_rows(d.subset, d.scores, pool))
+        record.update(data=data_m, **{k: record[k] + v for k, v in d.cost.as_dict().items() if k in record})
+    if param_m != "dualsft":
+        p = PARAM_SELECTORS[param_m](ctx, None)
+        (sel / "mask.safetensors").unlink(missing_ok=True)
+        if p.mask is not None:
+            shapes = {n: tuple(t.shape) for n, t in trainable_params(ctx.theta0).items()}
+            save_mask(sel / "mask.safetensors", p.mask, shapes)
+        record.update(param=param_m, info=p.info, **{k: record[k] + v for k, v in p.cost.as_dict().items()
+                                                      if k in record})
+    return record
 
 
 def baseline_context(cfg: CompareConfig, files: dict[str, Path], seed: int, cache: dict[int, Any]) -> Any:
@@ -252,14 +285,15 @@ def train_for(cfg: CompareConfig, sel: Path, data_m: str, param_m: str, seed: in
     elif not mask.exists():
         method = "full"
     if not (out / "delta.safetensors").exists() and not (out / "adapter" / "adapter_config.json").exists():
-        run_stage(f"train {d.parent.name}/{d.name}", train.main, stage_config(
-            train.CONFIG, cfg, train_file=str(sel / "subset.jsonl"), mask=str(mask) if mask.exists() else "none",
-            method=method, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-            micro_batch_size=cfg.micro_batch_size, out=str(out), seed=seed, overwrite=True,
-            **extra), {})
+        options = dict(train_file=str(sel / "subset.jsonl"), mask=str(mask) if mask.exists() else "none",
+                       method=method, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                       micro_batch_size=cfg.micro_batch_size, out=str(out), seed=seed, overwrite=True)
+        run_stage(f"train {d.parent.name}/{d.name}", train.main,
+                  stage_config(train.CONFIG, cfg, **{**options, **extra}), {})
     info = read_json(out / "adapter.json") if (out / "adapter.json").exists() else {}
     metrics = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    return out, {"method": method, "trainable": get(info, "trainable") or get(info, "mask", "k"),
+    return out, {"method": method, "trainable": (get(info, "result", "trainable_entries") or get(info, "trainable")
+                                               or get(info, "mask", "k")),
                  "wall_s": metrics[-1].get("time") if metrics else None, "steps": len(metrics)}
 
 
@@ -291,6 +325,7 @@ def summarise_method(per_seed: list[dict]) -> dict[str, Any]:
     """mean ± std over seeds of each metric and cost."""
     out = {col: mean_std([get(s["metrics"], *path) for s in per_seed]) for col, path in METRICS.items()}
     out["selection s"] = mean_std([s["selection_cost"].get("wall_s") for s in per_seed])
+    out["selection examples"] = mean_std([s["selection_cost"].get("examples_processed") for s in per_seed])
     out["train s"] = mean_std([s["train"].get("wall_s") for s in per_seed])
     out["trainable"] = per_seed[0]["train"].get("trainable")
     out["b"] = None
@@ -308,15 +343,21 @@ def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, 
             return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
         return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
-    rows = [["base (no tuning)"] + [cell(mean_std([get(base, *METRICS[c])]), c) for c in cols] + ["—", "—", "—"]]
+    rows = [["base (no tuning)"] + [cell(mean_std([get(base, *METRICS[c])]), c) for c in cols] + ["—"] * 4]
     for name, r in results.items():
         s = r["summary"]
         rows.append([name] + [cell(s[c], c) for c in cols] +
-                    [f"{s['selection s']['mean']:.0f}", f"{s['train s']['mean']:.0f}" if s["train s"]["n"] else "—",
+                    [f"{s['selection s']['mean']:.0f}", count_cell(s.get("selection examples", {})),
+                     f"{s['train s']['mean']:.0f}" if s["train s"]["n"] else "—",
                      f"{s['trainable']:,}" if isinstance(s.get("trainable"), int) else "—"])
-    header = ["method"] + [c + (" %" if c in pct else "") for c in cols] + ["selection s", "train s", "trainable"]
+    header = (["method"] + [c + (" %" if c in pct else "") for c in cols]
+              + ["selection s", "selection examples", "train s", "trainable"])
     seeds = parse_seeds(cfg.seeds)
-    text = (f"Budgets: data {cfg.data_budget}, params {cfg.param_budget}; seeds {seeds}; mean ± std over seeds.\n\n"
+    sizes = ", ".join(f"{c.split()[0]} n={get(base, *METRICS[c][:-1], 'n')}" for c in ("target loss", "stability loss",
+                                                                                       "general loss"))
+    text = (f"Budgets: data {cfg.data_budget}, params {cfg.param_budget}; seeds {seeds}; mean ± std over seeds; "
+            f"examples per seed: {sizes}. selection examples = examples pushed through a model while selecting "
+            f"(DualSFT: its shared scoring passes; every gradient-based method also reuses the warm-up).\n\n"
             + markdown_table(header, rows))
     (out / "results.md").write_text(text)
     points = {name: (r["summary"]["stability loss"]["mean"], r["summary"]["stability loss"]["std"],
@@ -328,6 +369,11 @@ def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, 
     scatter_plot(out / "tradeoff.png", points, "stability loss on held-out tasks (lower = less forgetting)",
                  "target accuracy % (higher = more plasticity)", "stability vs plasticity at matched budgets")
     plot_score_distributions(cfg, out, results)
+
+
+def count_cell(stat: dict) -> str:
+    """Mean count over seeds, with thousands separators; — when unrecorded."""
+    return f"{stat['mean']:,.0f}" if stat.get("n") else "—"
 
 
 def plot_score_distributions(cfg: CompareConfig, out: Path, results: dict[str, Any]) -> None:
