@@ -16,7 +16,8 @@ that uses them). Methods (``--methods``, comma separated):
     less->sift       LESS-style subset, then a SIFT mask scored on that subset (sequential hybrid)
     sift->less       SIFT mask, then LESS-style data restricted to the masked entries
     random           random subset + random mask
-    DATA+PARAM       any pair: DATA in random|less|loss|all|dualsft, PARAM in random|magnitude|sift|full|lora|dualsft
+    DATA+PARAM       any pair: DATA in random|less|loss|all|dualsft, PARAM in random|magnitude|sift|full|lora|dualsft;
+                     each axis chosen independently (dualsft+random: DualSFT's subset under the random mask)
 """
 
 from __future__ import annotations
