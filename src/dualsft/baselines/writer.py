@@ -43,15 +43,21 @@ def train_hint(selection: BaselineSelection) -> str:
     return ""
 
 
+def write_mask(out_dir: Path, mask: dict | None, shapes: dict[str, tuple[int, ...]]) -> None:
+    """out_dir/mask.safetensors from ``mask`` ({name: flat indices}); None (train every entry / LoRA) removes a
+    stale mask left by an earlier method, so it cannot be trained by mistake."""
+    path = out_dir / "mask.safetensors"
+    if mask is not None:
+        save_mask(path, mask, shapes)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_selection(out_dir: str | os.PathLike, selection: BaselineSelection, pool: Sequence[Example]) -> Path:
     """Write subset.jsonl, mask.safetensors (if any) and summary.json into ``out_dir``; returns it."""
     out = Path(out_dir)
     write_jsonl(out / "subset.jsonl", subset_rows(selection, pool))
-    mask_path = out / "mask.safetensors"
-    if selection.mask is not None:
-        save_mask(mask_path, selection.mask, selection.shapes)
-    elif mask_path.exists():
-        mask_path.unlink()  # a stale mask from an earlier method must not be trained by mistake
+    write_mask(out, selection.mask, selection.shapes)
     write_json(out / "summary.json", {
         "method": f"{selection.data_method}+{selection.param_method}", "data_method": selection.data_method,
         "param_method": selection.param_method, "order": selection.order, "b": len(selection.subset),

@@ -73,9 +73,9 @@ def parse_method(name: str) -> tuple[str, str, str]:
         from dualsft.baselines.registry import DATA_SELECTORS, PARAM_SELECTORS
 
         data, param = name.split("+", 1)
-        if data not in {*DATA_SELECTORS, "dualsft"} or param not in {*PARAM_SELECTORS, "dualsft"}:
-            raise ConfigError(f"unknown method {name!r}: DATA+PARAM takes DATA in {sorted({*DATA_SELECTORS, 'dualsft'})}"
-                              f" and PARAM in {sorted({*PARAM_SELECTORS, 'dualsft'})}")
+        data_ok, param_ok = sorted({*DATA_SELECTORS, "dualsft"}), sorted({*PARAM_SELECTORS, "dualsft"})
+        if data not in data_ok or param not in param_ok:
+            raise ConfigError(f"unknown method {name!r}: DATA+PARAM takes DATA in {data_ok} and PARAM in {param_ok}")
         return data, param, "independent"
     raise ConfigError(f"unknown method {name!r}: use one of {sorted(ALIASES)} or DATA+PARAM")
 
@@ -194,10 +194,9 @@ def select_dualsft(cfg: CompareConfig, data_m: str, param_m: str, order: str, se
     summary = read_json(sel / "summary.json")
     cost["examples_processed"] += sum((summary.get("surrogate") or {}).get("passes", {}).values())
     if data_m != "dualsft" or param_m != "dualsft":  # single-axis variants and DualSFT paired with a baseline
-        other = replace_axis(cfg, data_m, param_m, seed, sel, files, cache)
+        other, summary["info"] = replace_axis(cfg, data_m, param_m, seed, sel, files, cache)
         cost["wall_s"] += other["wall_s"]
         cost["examples_processed"] += other["examples_processed"]
-        summary["info"] = other.pop("info")
         summary["replaced_axis"] = other
     summary["compare_cost"] = cost
     write_json(sel / "summary.json", summary)
@@ -205,30 +204,27 @@ def select_dualsft(cfg: CompareConfig, data_m: str, param_m: str, order: str, se
 
 
 def replace_axis(cfg: CompareConfig, data_m: str, param_m: str, seed: int, sel: Path, files: dict[str, Path],
-                 cache: dict[int, Any]) -> dict[str, Any]:
+                 cache: dict[int, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Overwrite the non-DualSFT axis of a DualSFT selection in ``sel`` with that axis's baseline (no mask for
-    full / LoRA, the whole pool for all), chosen independently at the same budget. Returns the axis's cost
-    record plus "info" (e.g. the LoRA rank) for the summary."""
+    full / LoRA, the whole pool for all), chosen independently at the same budget. Returns (the axis's cost
+    record, the parameter method's info for the summary, e.g. the LoRA rank)."""
+    from dualsft.baselines.cost import combine
     from dualsft.baselines.registry import DATA_SELECTORS, PARAM_SELECTORS
-    from dualsft.baselines.writer import chosen_rows
+    from dualsft.baselines.writer import chosen_rows, write_mask
     from dualsft.scoring.stats import trainable_params
-    from dualsft.selection.mask import save_mask
 
     ctx, pool = baseline_context(cfg, files, seed, cache)
-    record: dict[str, Any] = {"wall_s": 0.0, "examples_processed": 0, "info": {}}
+    stages, info = [], {}
     if data_m != "dualsft":
         d = DATA_SELECTORS[data_m](ctx, None)
         write_jsonl(sel / "subset.jsonl", chosen_rows(d.subset, d.scores, pool))
-        record.update(data=data_m, **{k: record[k] + v for k, v in d.cost.as_dict().items() if k in record})
+        stages.append((f"data:{data_m}", d.cost))
     if param_m != "dualsft":
         p = PARAM_SELECTORS[param_m](ctx, None)
-        (sel / "mask.safetensors").unlink(missing_ok=True)
-        if p.mask is not None:
-            shapes = {n: tuple(t.shape) for n, t in trainable_params(ctx.theta0).items()}
-            save_mask(sel / "mask.safetensors", p.mask, shapes)
-        record.update(param=param_m, info=p.info, **{k: record[k] + v for k, v in p.cost.as_dict().items()
-                                                      if k in record})
-    return record
+        write_mask(sel, p.mask, {n: tuple(t.shape) for n, t in trainable_params(ctx.theta0).items()})
+        stages.append((f"param:{param_m}", p.cost))
+        info = p.info
+    return combine(stages).as_dict(), info
 
 
 def baseline_context(cfg: CompareConfig, files: dict[str, Path], seed: int, cache: dict[int, Any]) -> Any:
@@ -293,8 +289,7 @@ def train_for(cfg: CompareConfig, sel: Path, data_m: str, param_m: str, seed: in
                   stage_config(train.CONFIG, cfg, **{**options, **extra}), {})
     info = read_json(out / "adapter.json") if (out / "adapter.json").exists() else {}
     metrics = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    return out, {"method": method, "trainable": (get(info, "result", "trainable_entries") or get(info, "trainable")
-                                               or get(info, "mask", "k")),
+    return out, {"method": method, "trainable": get(info, "result", "trainable_entries"),
                  "wall_s": metrics[-1].get("time") if metrics else None, "steps": len(metrics)}
 
 
