@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dualsft.cli import main as cli
 from dualsft.io import read_jsonl
 from dualsft.models import load_model
 from dualsft.selection.mask import load_mask
+from dualsft.testing import one_torch_thread
 
 TINY = ["--pool-size", "30", "--val-size", "4", "--test-size", "4", "--stability-size", "2", "--humaneval-size", "0",
         "--max-length", "640", "--score-batch-size", "4", "--batch-size", "4", "--micro-batch-size", "4",
@@ -19,10 +19,8 @@ TINY = ["--pool-size", "30", "--val-size", "4", "--test-size", "4", "--stability
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.slow
@@ -113,7 +111,8 @@ def test_compare_pairs_dualsft_with_a_baseline_axis(tmp_path, micro_model_dir):
     assert summary["info"]["lora_rank"] >= 1
 
 
-def test_compare_refuses_an_unknown_axis_before_any_work(tmp_path, caplog):
-    assert cli(["compare", "--run-dir", str(tmp_path / "run"), "--methods", "dualsft,dualsft+nope"]) == 2
+def test_compare_refuses_an_unknown_axis_before_any_work(tmp_path, micro_model_dir, caplog):
+    assert cli(["compare", "--model", str(micro_model_dir), "--run-dir", str(tmp_path / "run"), *TINY,
+                "--methods", "dualsft,dualsft+nope"]) == 2
     assert "DATA+PARAM takes" in caplog.text and "nope" in caplog.text
     assert not (tmp_path / "run").exists()
