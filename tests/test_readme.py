@@ -7,9 +7,7 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
-from dualsft.testing import toy_records
+from dualsft.testing import one_torch_thread, toy_records
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -34,8 +32,8 @@ def test_python_api_snippet_runs(tmp_path, micro_model_dir):
     for name, n in (("pool", 20), ("val", 4)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_records(n, seed=n)))
     env = {"MODEL": str(micro_model_dir), "POOL": str(tmp_path / "pool.jsonl"), "TARGET": str(tmp_path / "val.jsonl")}
-    torch.set_num_threads(1)
-    exec(compile(rest, "README.md", "exec"), env)
+    with one_torch_thread():
+        exec(compile(rest, "README.md", "exec"), env)
     assert len(env["chosen"]) == 2 and sum(t.numel() for t in env["mask"].values()) == round(0.1 * sum(
         p.numel() for p in env["params"].values()))
     assert env["result"].completed

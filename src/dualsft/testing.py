@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -10,6 +12,22 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block with one intra-op torch thread and restore the previous count afterwards.
+
+    Micro models gain nothing from threads, and on shared 2-core machines two OpenMP threads per process
+    wait at barriers for each other (measured 5-10x slower under load); torchrun workers run with
+    OMP_NUM_THREADS=1, so in-process references then use the same kernels.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def byte_tokenizer() -> Any:

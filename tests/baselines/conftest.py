@@ -7,7 +7,7 @@ import torch
 
 from dualsft.data.formats import batches, normalise_record, tokenize_examples
 from dualsft.scoring.stats import trainable_params
-from dualsft.testing import toy_records
+from dualsft.testing import one_torch_thread, toy_records
 
 
 def _make_batches(tokenizer, n: int, seed: int, batch_size: int = 4, offset: int = 0) -> list[dict]:
@@ -47,9 +47,6 @@ def target(tokenizer):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Micro models: one torch thread is fastest, and on a shared 2-core machine two OpenMP threads wait at
-    barriers for each other (measured 5-10x slower here under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """One torch thread for every test here (see ``dualsft.testing.one_torch_thread`` for why)."""
+    with one_torch_thread():
+        yield

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from dualsft.testing import one_torch_thread
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """In-process reference runs use one thread, like each torchrun worker (OMP_NUM_THREADS=1): on a shared
     2-core machine more threads only oversubscribe, and both sides then run the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield

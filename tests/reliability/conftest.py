@@ -9,21 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from reliability_helpers import score_args, write_records
 
 from dualsft.cli import main as cli
 from dualsft.errors import DualSFTError
-from dualsft.testing import toy_records
+from dualsft.testing import one_torch_thread, toy_records
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """One intra-op thread: faster on the shared 2-core machine, and the determinism tests compare bits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +35,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def scored_run_dir(tmp_path_factory: pytest.TempPathFactory, micro_model_dir: Path, data_dir: Path) -> Path:
     """A run folder with RUN/scores from the real `dualsft score` (copy it before writing into it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run = tmp_path_factory.mktemp("scored") / "run"
         assert cli(score_args(micro_model_dir, run, data_dir)) == 0
         return run
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture

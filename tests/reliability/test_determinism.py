@@ -14,6 +14,7 @@ from reliability_helpers import model_args
 
 from dualsft.cli import main as cli
 from dualsft.io import load_tensors, read_json, read_jsonl
+from dualsft.testing import one_torch_thread
 
 SCORE_FILES = ("param_scores.safetensors", "u.safetensors", "v.safetensors", "grad_sum.safetensors")
 
@@ -36,14 +37,10 @@ def pipeline(model_dir: Path, data: Path, run: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, micro_model_dir: Path, data_dir: Path) -> dict[str, Path]:
     """Seed 0 twice (runs a, b) and seed 1 once (run c), each in its own folder."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         root = tmp_path_factory.mktemp("determinism")
         return {name: pipeline(micro_model_dir, data_dir, root / name, seed)
                 for name, seed in (("a", 0), ("b", 0), ("c", 1))}
-    finally:
-        torch.set_num_threads(before)
 
 
 def same_tensors(a: Path, b: Path) -> bool:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from dualsft.testing import byte_tokenizer
+from dualsft.testing import byte_tokenizer, one_torch_thread
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +14,6 @@ def tokenizer():
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Micro models gain nothing from threads, and on the shared 2-core machines two torch threads per
-    process oversubscribe the CPU (measured ~10x slower); restore the setting after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """One torch thread for every test here (see ``dualsft.testing.one_torch_thread`` for why)."""
+    with one_torch_thread():
+        yield

@@ -14,7 +14,7 @@ from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata
 from dualsft.scoring.rows import row_scores
 from dualsft.scoring.stats import gradient_sum, param_scores, target_gradient, trainable_params
-from dualsft.testing import toy_records
+from dualsft.testing import one_torch_thread, toy_records
 
 N_POOL = 24
 
@@ -79,20 +79,13 @@ def _write(path: Path, recs: list[dict]) -> Path:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One torch thread: on the shared 2-core machine two OpenMP threads made these tests ~6x slower
-    (each op waits at a barrier for a descheduled thread); the maths is the same."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """One torch thread for every test here (see ``dualsft.testing.one_torch_thread`` for why)."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def scored_run(tmp_path_factory, micro_model_dir) -> ScoredRun:
     """One scored micro run shared by the tests that only read it (copy it before writing into it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return build_scored_run(tmp_path_factory.mktemp("scored") / "run", micro_model_dir)
-    finally:
-        torch.set_num_threads(n)

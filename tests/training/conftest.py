@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from dualsft.testing import one_torch_thread
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
