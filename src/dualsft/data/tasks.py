@@ -10,6 +10,13 @@ that SmolLM2-135M can learn something on 2 CPU cores in minutes. Every record wr
 ``score_answer(record, generated_text)`` rebuilds the reasoning-gym scorer from ``rg`` and scores the
 answer extracted from a generation (see ``extract_answer``). A record without ``rg`` (any user data)
 is scored by exact match of the extracted answer against its reference response.
+
+Every task also names an ANSWER TYPE, a coarse category of its reference answer (``TaskSpec.answer_type``;
+``answer_type_of(task, answer)``): the number of digits for numeric answers, the count itself (rare high
+counts pooled) for counting tasks, the word length for spelling. ``dualsft data build`` stratifies the
+target task's splits by it, so that val, dev and test carry the same mix (issue 13: a 32-example val split
+with 41% two-digit answers against 19% in test pulled the mean target gradient, docs/method.md §4, towards
+two-digit examples), and selection reports show the subset's mix by it.
 """
 
 from __future__ import annotations
@@ -17,20 +24,43 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dualsft.errors import ConfigError
 
 
+def digits_type(answer: str) -> str:
+    """Numeric answers: digits of |answer|, with the sign: "7" -> "1-digit", "-12" -> "negative 2-digit"."""
+    n = int(answer.strip())
+    digits = f"{len(str(abs(n)))}-digit"
+    return f"negative {digits}" if n < 0 else digits
+
+
+def count_type(cap: int) -> Callable[[str], str]:
+    """Small counts: the count itself, counts of ``cap`` or more pooled ("3+"), so no category is tiny."""
+    def classify(answer: str) -> str:
+        n = int(answer.strip())
+        return str(n) if n < cap else f"{cap}+"
+    return classify
+
+
+def length_type(answer: str) -> str:
+    """Word answers: their length in characters ("olleh" -> "5 letters")."""
+    return f"{len(answer.strip())} letters"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One embedded task: reasoning-gym dataset name, generator kwargs, and the instruction appended
-    to every question so that the expected response is the bare answer."""
+    """One embedded task: reasoning-gym dataset name, generator kwargs, the instruction appended to every
+    question so that the expected response is the bare answer, and the answer-type function (reference
+    answer -> category label, see the module docstring)."""
 
     dataset: str
     config: dict[str, Any] = field(default_factory=dict)
     suffix: str = " Answer with the number only."
+    answer_type: Callable[[str], str] = digits_type
 
 
 # Small configs: prompts of 30-90 tokens with the chat template, answers of 1-4 tokens (SmolLM2
@@ -46,11 +76,13 @@ TASKS: dict[str, TaskSpec] = {
                                                       "max_digits": 2, "allow_parentheses": False,
                                                       "allow_negation": False, "operators": ["+", "-", "*"]}),
     "leg_counting": TaskSpec("leg_counting", {"min_animals": 1, "max_animals": 2, "max_instances": 3}),
-    "letter_counting": TaskSpec("letter_counting", {"min_words": 3, "max_words": 5}),
+    # counts 1 (59%), 2 (27%), 3+ (14%)
+    "letter_counting": TaskSpec("letter_counting", {"min_words": 3, "max_words": 5}, answer_type=count_type(3)),
     "gcd": TaskSpec("gcd", {"min_value": 1, "max_value": 50}),
-    "count_bits": TaskSpec("count_bits", {"max_n": 255}),
+    # every answer has one digit: the bit count itself, 0 to 8, with 6+ pooled (14%); 1 bit is the rarest (4%)
+    "count_bits": TaskSpec("count_bits", {"max_n": 255}, answer_type=count_type(6)),
     "spell_backward": TaskSpec("spell_backward", {"min_word_len": 3, "max_word_len": 5},
-                               suffix=" Answer with the reversed word only."),
+                               suffix=" Answer with the reversed word only.", answer_type=length_type),
 }
 
 
@@ -59,6 +91,18 @@ def task_spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; embedded tasks: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def answer_type_of(task: str, answer: str) -> str | None:
+    """The answer-type label of an embedded task's reference answer; None for tasks not embedded here
+    (HumanEval, user data). An answer the task's function cannot read (not a number where one is
+    expected) is labelled "other" rather than failing a data build."""
+    if task not in TASKS:
+        return None
+    try:
+        return TASKS[task].answer_type(answer)
+    except ValueError:
+        return "other"
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
