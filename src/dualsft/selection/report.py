@@ -1,5 +1,6 @@
-"""What a selection contains: counts per layer and module group, subset overlap with pool tasks/sources,
-and the layer x module-group mask-density heat-map (summary.json and mask_density.png)."""
+"""What a selection contains: counts per layer and module group, the subset's composition by pool task,
+source and answer type (beside the pool's), and the layer x module-group mask-density heat-map
+(summary.json and mask_density.png)."""
 
 from __future__ import annotations
 
@@ -43,19 +44,48 @@ def mask_counts(indices: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[
     }
 
 
+def composition(pool_values: list[str], chosen_values: list[str], n_pool: int, n_chosen: int) -> dict[str, dict[str, float]]:
+    """Per value: its count in the pool and in the subset, its share of each (over ``n_pool`` pool and
+    ``n_chosen`` subset examples) and the fraction of the pool's examples with that value that were chosen."""
+    pool, sub = Counter(pool_values), Counter(chosen_values)
+    return {v: {"pool": pool[v], "selected": sub.get(v, 0), "share_of_pool": pool[v] / max(n_pool, 1),
+                "share_of_subset": sub.get(v, 0) / max(n_chosen, 1),
+                "share_of_value_selected": sub.get(v, 0) / pool[v]} for v in sorted(pool)}
+
+
+def answer_type_key(record: dict) -> str | None:
+    """``task/answer_type`` (e.g. ``chain_sum/2-digit``: answer types are defined per task, data.tasks),
+    or None for a record without an answer type."""
+    at = record.get("answer_type")
+    return None if at is None else f"{record.get('task')}/{at}"
+
+
 def subset_overlap(pool_records: list[dict], chosen: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """For each of the fields ``task`` and ``source`` present in the pool: per value, how many pool and
-    subset examples carry it and the share of the subset it makes up."""
+    """The subset's composition beside the pool's, for each field present in the pool: ``task``,
+    ``source`` and, where records carry one, ``answer_type`` (keyed ``task/answer_type``; records
+    without one are left out of that table, shares stay over all pool / subset examples). Each value
+    maps to ``composition``'s counts and shares."""
     out = {}
+    N, b = len(pool_records), len(chosen)
     for fld in ("task", "source"):
-        if not any(fld in r for r in pool_records):
-            continue
-        pool = Counter(str(r.get(fld)) for r in pool_records)
-        sub = Counter(str(r.get(fld)) for r in chosen)
-        out[fld] = {v: {"pool": pool[v], "selected": sub.get(v, 0),
-                        "share_of_subset": sub.get(v, 0) / max(len(chosen), 1),
-                        "share_of_value_selected": sub.get(v, 0) / pool[v]} for v in sorted(pool)}
+        if any(fld in r for r in pool_records):
+            out[fld] = composition([str(r.get(fld)) for r in pool_records], [str(r.get(fld)) for r in chosen], N, b)
+    typed = [k for k in map(answer_type_key, pool_records) if k is not None]
+    if typed:
+        out["answer_type"] = composition(typed, [k for k in map(answer_type_key, chosen) if k is not None], N, b)
     return out
+
+
+def composition_table(overlap: dict[str, dict[str, dict[str, float]]], field: str) -> list[str]:
+    """Markdown lines: one row per value of ``field`` in a ``subset_overlap`` result (pool count and share,
+    subset count and share); [] when the field is absent."""
+    rows = overlap.get(field) or {}
+    if not rows:
+        return []
+    lines = [f"| {field.replace('_', ' ')} | pool | pool share | selected | subset share |", "|---|---:|---:|---:|---:|"]
+    for v, c in rows.items():
+        lines.append(f"| {v} | {c['pool']} | {c['share_of_pool']:.0%} | {c['selected']} | {c['share_of_subset']:.0%} |")
+    return lines
 
 
 def density_grid(counts: dict[str, Any]) -> tuple[list[str], list[str], list[list[float]]]:
