@@ -88,11 +88,13 @@ def test_reuse_and_mismatch(tmp_path):
 def test_cli_and_errors(tmp_path):
     out = tmp_path / "d"
     assert cli_main(["data", "build", "--out", str(out), "--pool-size", "12", "--val-size", "2", "--test-size", "3",
-                     "--stability-size", "1", "--humaneval-size", "1", "--target-task", "gcd",
+                     "--dev-size", "5", "--stability-size", "1", "--humaneval-size", "1", "--target-task", "gcd",
                      "--pool-tasks", "gcd,leg_counting"]) == 0
     assert {r["task"] for r in read_jsonl(out / "test.jsonl")} == {"gcd"}
+    assert len(read_jsonl(out / "dev.jsonl")) == 5
     assert {r["task"] for r in read_jsonl(out / "stability.jsonl")} == {"leg_counting", "humaneval"}
     assert cli_main(["data", "build", "--out", str(tmp_path / "e"), "--target-task", "nope"]) == 2
+    assert cli_main(["data", "build", "--out", str(tmp_path / "f"), "--dev-size", "-1"]) == 2
     with pytest.raises(ConfigError, match="distinct"):
         generate_task_items("count_bits", 300, 1, set())  # only 255 distinct questions exist
     assert pool_counts(["a", "b", "c"], "a", 10, 0.2) == {"a": 2, "b": 4, "c": 4}

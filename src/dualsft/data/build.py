@@ -11,10 +11,11 @@ Writes into ``--out`` (default ``RUN/data``):
 One draw for every target-task split: test, val, dev and the pool's target share are ONE sample of
 distinct questions from one generator seed, dealt to the four splits stratified by answer type
 (``data.tasks``; ``stratified_allocation``). So val and test come from the same distribution and carry
-the same answer-type mix up to one example per type and split (issue 13: val and test used to come from
-two generator seeds in turn, each skipping the questions of the one before, and a 32-example val split
-held 41% two-digit answers against 19% in test). A task with few distinct questions (chain_sum: 200,
-count_bits: 255) cannot fill large splits: the build says how many were needed and found.
+the same answer-type mix, within two examples per type and split, by construction rather than by chance.
+Before, val and test came from two generator seeds in turn, val skipping test's questions: in chain_sum's
+200-question space what test left shifted val's mix, and chance did the rest (issue 13: a 32-example val
+split with 41% two-digit answers against 19% in test). A task with few distinct questions (chain_sum:
+200, count_bits: 255) cannot fill large splits: the build says how many were needed.
 
 Disjointness: reasoning-gym item ``i`` of seed ``s`` is generated from ``random.Random(s + i)``, so two
 seeds a few apart produce shifted copies of each other. Each (split, task) therefore gets a seed hashed
