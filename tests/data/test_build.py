@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from dualsft.cli import main as cli_main
-from dualsft.data.build import (DataBuildConfig, build_data, build_splits, generate_task_items, pool_counts, split_seed,
-                                stratified_allocation)
+from dualsft.data.build import (
+    DataBuildConfig,
+    build_data,
+    build_splits,
+    generate_task_items,
+    pool_counts,
+    split_seed,
+    stratified_allocation,
+)
 from dualsft.data.formats import load_examples
 from dualsft.data.tasks import TASKS, answer_type_of, extract_answer, score_answer
 from dualsft.errors import ConfigError, MetadataMismatchError

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from dualsft.errors import ConfigError
-from dualsft.evaluation.stats import (bootstrap_means, bootstrap_means_reference, judge, mean_ci, paired_difference,
-                                      tally)
+from dualsft.evaluation.stats import bootstrap_means, bootstrap_means_reference, judge, mean_ci, paired_difference, tally
 
 
 def bernoulli(S: int, Q: int, p: float, seed: int) -> torch.Tensor:
