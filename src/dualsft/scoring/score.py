@@ -34,12 +34,11 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from dualsft import distributed as dist
-from dualsft.config import CommonConfig, opt
 from dualsft.data.formats import TokenizedExample
 from dualsft.errors import ConfigError, MetadataMismatchError
 from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
@@ -52,7 +51,7 @@ from dualsft.scoring.prior import (normalise_prior, prior_accumulators, prior_no
                                    split_prior_sums)
 from dualsft.scoring.progress import PROGRESS_DIR
 from dualsft.scoring.rows import row_accumulators, row_step
-from dualsft.scoring.settings import ScoringSettings, save_settings
+from dualsft.scoring.settings import ScoreConfig, ScoringSettings, save_settings
 from dualsft.scoring.stats import gradient_step, trainable_params, zeros_like_params
 from dualsft.scoring.warmup import warmup_state
 
@@ -64,30 +63,6 @@ FILES = {"param_scores": "param_scores.safetensors", "data_scores": "data_scores
 RESULT_NEUTRAL = ("config.checkpoint_every",)  # options that never change the scores: a rerun may change them
 ANCHOR_SEED_OFFSET = 1  # the anchor slice uses seed+1 so it differs from the warm-up slice of the same seed
 ROWS = ("scores", "losses")  # the per-example rows of a pool pass: φ_data[n] and l_n
-
-
-@dataclass(frozen=True)
-class ScoreConfig(CommonConfig):
-    """Options of `dualsft score` (defaults: the authors' release, docs/method.md §3-§5)."""
-
-    pool: str = opt("", "pool data file (the examples to score)")
-    target: str = opt("", "target/validation data file V (v_new is its mean gradient)")
-    order: int = opt(2, "2: u = ηv − ½η²c⊙G (needs the warm-up's curvature); 1: u = ηv (one pool pass)")
-    eta: float = opt(2e-5, "η, the step size of the one-step surrogate")
-    lambda_new: float = opt(1.0, "λ_new, weight of the target loss in L_val")
-    lambda_prior: float = opt(0.2, "λ_prior, weight of the KL-to-base term in L_val (0 skips the anchor pass)")
-    tau: float = opt(2.0, "τ, the KL temperature")
-    confidence: Literal["max_prob", "uniform", "entropy_inv"] = opt("max_prob", "anchor weight w_i")
-    prior_normalisation: Literal["weighted_mean", "release"] = opt(
-        "weighted_mean", "divide by Σw (weighted mean) or by max(Σw, 1) as the authors' release does")
-    anchor_ratio: float = opt(0.02, "fraction of the pool used as the anchor set A (seeded)")
-    batch_size: int = opt(4, "examples per scoring batch")
-    method: Literal["ghost", "jvp", "exact"] = opt(
-        "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic), exact (one backward per example; slow)")
-    curvature: str = opt("", "safetensors file of c per parameter (default: RUN/warmup/exp_avg_sq.safetensors)")
-    stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
-    checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
-                                "so a rerun resumes after a kill (0: off)")
 
 
 CONFIG = ScoreConfig
