@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dualsft.data.formats import batches, load_examples, tokenize_examples
-from dualsft.models import load_model, load_tokenizer
 from dualsft.method import subset_term, surrogate_improvement
+from dualsft.models import load_model, load_tokenizer
 from dualsft.scoring.rows import row_scores
 from dualsft.scoring.stats import gradient_sum, trainable_params
 from dualsft.selection.joint import dense_masks, refine_jointly

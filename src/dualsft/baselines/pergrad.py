@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from dualsft.losses import per_example_loss
-from dualsft.scoring.ghost import Tap, _conv1d_type, frozen_with_leaf_embeddings, tapped
+from dualsft.scoring.ghost import (
+    Tap,
+    _conv1d_type,  # noqa: F401  (re-exported: baselines/params.py imports it here)
+    frozen_with_leaf_embeddings,
+    module_kind,
+    tapped,
+)
 
 Batch = dict[str, torch.Tensor]
 # callback(parameter name, per-example gradients [B, *param.shape])
@@ -50,7 +56,6 @@ def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[La
     The output head (``model.get_output_embeddings()``) is excluded unless ``include_head``; a head whose
     weight is tied to an embedding is always excluded (its per-example gradient has an embedding term).
     """
-    conv1d = _conv1d_type()
     names = {}
     for n, p in model.named_parameters():
         names.setdefault(id(p), n)
@@ -58,11 +63,8 @@ def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[La
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = []
     for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            kind = "linear"
-        elif conv1d is not None and isinstance(mod, conv1d):
-            kind = "conv1d"
-        else:
+        kind = module_kind(mod)  # the ghost scorer's classification: one rule for both uses of the capture
+        if kind not in ("linear", "conv1d"):
             continue
         if id(mod.weight) in emb_ids or (mod is head and not include_head):
             continue

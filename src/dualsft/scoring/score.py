@@ -47,8 +47,7 @@ from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.scoring.passes import sharded_pass
-from dualsft.scoring.prior import (normalise_prior, prior_accumulators, prior_normaliser, prior_step,
-                                   split_prior_sums)
+from dualsft.scoring.prior import normalise_prior, prior_accumulators, prior_normaliser, prior_step, split_prior_sums
 from dualsft.scoring.progress import PROGRESS_DIR
 from dualsft.scoring.rows import row_accumulators, row_step
 from dualsft.scoring.settings import ScoreConfig, ScoringSettings, save_settings
@@ -214,17 +213,6 @@ def coverage(model: torch.nn.Module) -> dict[str, Any]:
             "total_entries": int(sum(p.numel() for p in unique.values())),
             "frozen": [n for n, p in unique.items() if not p.requires_grad],
             "tied_aliases": [n for n, _ in all_named if n not in unique]}
-
-
-def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """c for order 2 (from --curvature or the warm-up); order 1 needs none."""
-    path = cfg.curvature or (warm or {}).get("curvature")
-    if cfg.order == 1:
-        return None, None
-    if not path:
-        raise ConfigError("--order 2 needs the curvature c (Adam exp_avg_sq of the warm-up), but there is none: "
-                          "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use --order 1")
-    return load_tensors(path), str(path)
 
 
 def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.Tensor) -> list[dict[str, Any]]:

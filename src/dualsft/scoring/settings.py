@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dualsft.config import CommonConfig, opt
-
 from dualsft.io import write_json
 
 SETTINGS_FILE = "settings.json"

@@ -268,10 +268,9 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     from dualsft.data.formats import batches, load_examples, tokenize_examples
     from dualsft.models import load_tokenizer
     from dualsft.scoring.rows import row_scores
+    from dualsft.scoring.settings import load_settings
     from dualsft.scoring.stats import gradient_sum, surrogate_improvement, trainable_params
     from dualsft.selection.joint import refine_jointly
-
-    from dualsft.scoring.settings import load_settings
 
     scoring = load_settings(run / "scores")  # η, order, template, max_length of the scores: one typed record
     eta, order = scoring.eta, scoring.order
