@@ -11,6 +11,7 @@ from dualsft.cli import main as cli
 from dualsft.errors import ConfigError
 from dualsft.io import load_tensors, read_json, read_jsonl
 from dualsft.scoring.data import sample_positions
+from dualsft.scoring.settings import load_settings
 from dualsft.scoring.warmup import exp_avg_sq, train_warmup
 from dualsft.testing import byte_tokenizer, micro_llama, toy_records
 
@@ -82,6 +83,9 @@ def test_warmup_then_score_end_to_end(micro_folder, tmp_path):
     assert abs(summary["sum_data"] - utg) <= 1e-6 * abs(utg)
     assert summary["u_term_norms"]["half_eta2_c_G"] > 0 and summary["u_term_norms"]["eta_lambda_prior_v_prior"] > 0
     assert summary["scored_at"] == "theta_w"
+    settings = load_settings(s)  # the one typed record later stages read η, order, ... from
+    assert (settings.eta, settings.order, settings.stats_dtype, settings.scored_at) == (1e-2, 2, "float64", "theta_w")
+    assert settings.model == str(d / "model") and settings.max_length == 64
 
     # first order with the ghost one-pass: the same G, and rows = ⟨ηv, g_n⟩
     assert cli([*args, "--order", "1", "--overwrite"]) == 0

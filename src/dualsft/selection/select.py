@@ -268,20 +268,21 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     from dualsft.data.formats import batches, load_examples, tokenize_examples
     from dualsft.models import load_tokenizer
     from dualsft.scoring.rows import row_scores
+    from dualsft.scoring.settings import load_settings
     from dualsft.scoring.stats import gradient_sum, surrogate_improvement, trainable_params
     from dualsft.selection.joint import refine_jointly
 
-    scfg = smeta.get("config") or {}
-    eta, order = float(scfg.get("eta", 2e-5)), int(scfg.get("order", 2))
+    scoring = load_settings(run / "scores")  # η, order, template, max_length of the scores: one typed record
+    eta, order = scoring.eta, scoring.order
     v = load_tensors(run / "scores" / "v.safetensors")
     c = load_tensors(curvature_path(smeta, run)) if order == 2 else None
     _check_same_shapes(mask.shapes, v, "scores/v.safetensors")
     if c is not None:
         _check_same_shapes(mask.shapes, c, "warmup/exp_avg_sq.safetensors")
-    tok = load_tokenizer(scfg.get("model") or cfg.model or (smeta.get("model") or {}).get("id"))
+    tok = load_tokenizer(scoring.model)
     by_index = {e.index: e for e in load_examples(pool_path)}
-    toks = tokenize_examples([by_index[i] for i in indices], tok, scfg.get("template", "chat"),
-                             int(scfg.get("max_length", 256)), drop_empty=False, source="pool")
+    toks = tokenize_examples([by_index[i] for i in indices], tok, scoring.template, scoring.max_length,
+                             drop_empty=False, source="pool")
     params = trainable_params(model)
     pad = tok.pad_token_id
     device = next(model.parameters()).device
