@@ -1,4 +1,4 @@
-"""Optimizers for restricted fine-tuning (METHOD.md §5 step 5, §7).
+"""Optimizers for restricted fine-tuning (docs/method.md §5 step 5, §7).
 
 ``SparseAdamW`` is the fast path: for each parameter p with k_p selected entries (sorted flat indices
 ``idx_p`` [k_p]) it holds only ``exp_avg``/``exp_avg_sq``/grad accumulator [k_p] in float32 (float64 for
@@ -57,6 +57,10 @@ class Updater(Protocol):
         ...
 
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def exp_avg_sq(self) -> dict[str, torch.Tensor]:
+        """{name: raw second moment (no bias correction)} of every tensor stepped at least once."""
+        ...
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
@@ -226,6 +230,10 @@ class SparseAdamW:
             out[f"{s.name}::step"] = torch.tensor(s.step, dtype=torch.int64)
         return out
 
+    def exp_avg_sq(self) -> dict[str, torch.Tensor]:
+        """{name: [k_p] raw second moments of the selected entries} of every slot stepped at least once."""
+        return {s.name: s.exp_avg_sq for s in self.slots if s.step > 0}
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_tensors`` saved (bit-exact)."""
         for s in self.slots:
@@ -330,6 +338,10 @@ class DenseAdamW:
                 for key in ("exp_avg", "exp_avg_sq", "step"):
                     out[f"{n}::{key}"] = st[key]
         return out
+
+    def exp_avg_sq(self) -> dict[str, torch.Tensor]:
+        """{name: torch's raw exp_avg_sq, shaped like the weight} of every tensor stepped at least once."""
+        return {n: self.opt.state[p]["exp_avg_sq"] for n, p in self.named if p in self.opt.state}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for n, p in self.named:
