@@ -196,8 +196,8 @@ def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
     if m in ("sparse", "dense-masked") and mask is None:
         raise ConfigError(f"--method {m} needs a mask; pass --mask or use --method full")
     if m == "sparse":
-        opt = SparseAdamW(model.named_parameters(), mask, hp)
-        return model, opt, [s.name for s in opt.slots]
+        opt = SparseAdamW(model.named_parameters(), mask, **asdict(hp))
+        return model, opt, [n for n, _ in opt.named]
     if m == "lora":
         from dualsft.training.lora import wrap_lora
 
@@ -285,16 +285,18 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
             mbs = [collate([examples[i] for i in mine[j:j + settings.micro_batch_size]], pad_token_id)
                    for j in range(0, len(mine), settings.micro_batch_size)]
             lr = lr_at(s, total, settings)
-            updater.lr = lr
+            for group in updater.param_groups:
+                group["lr"] = lr
             # every rank divides by the GLOBAL step size len(pos): the summed gradients are the step's mean
             loss = accumulate_grads(model, mbs, len(pos), loss_fn, settings.autocast)
             updater.all_reduce_grads()
-            norm = updater.step(settings.max_grad_norm)
-            updater.zero_grad()
-            if not math.isfinite(norm):
+            norm = updater.clip_grad_norm_(settings.max_grad_norm)  # over the trained entries, before clipping
+            if not math.isfinite(norm):  # stop before the update touches the weights
                 idx = [int(examples[i].index) for i in pos]
                 raise NonFiniteLossError(f"non-finite gradient norm at step {s + 1} (examples {idx[:20]}); "
                                          "lower --lr or set --max-grad-norm", idx)
+            updater.step()
+            updater.zero_grad()
             loss, tokens = dist.all_reduce_sum([loss, sum(int(mb["attention_mask"].sum()) for mb in mbs)])
             tokens = int(tokens)
             state["step"], state["tokens"] = s + 1, state["tokens"] + tokens
