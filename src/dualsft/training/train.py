@@ -1,4 +1,4 @@
-"""`dualsft train`: restricted fine-tuning FROM THE BASE MODEL θ0 (METHOD.md §5 step 5, §7).
+"""`dualsft train`: restricted fine-tuning FROM THE BASE MODEL θ0 (docs/method.md §5 step 5, §7).
 
     dualsft train --run-dir runs/demo                       # subset + mask from `dualsft select`, sparse AdamW
     dualsft train --run-dir runs/demo --mask none           # DualSFT-Data: the subset, every weight (full FT)
