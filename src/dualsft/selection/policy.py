@@ -1,5 +1,5 @@
 """Selection policies: the parameter mask m (top-k of φ_param with quotas, filters and structured units)
-and the data subset S (top-b of φ_data). METHOD.md §5 step 4.
+and the data subset S (top-b of signed φ_data). docs/method.md §5 step 4.
 
 Mask stages, in this order, each taking only what earlier stages left (no entry is counted twice):
     1. layer quota   floor(quota_layer * k) // L entries per transformer layer (L layers with eligible
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """How to turn φ_param into a mask (the CLI's --param-budget, --sign, --quota-*, filters, units)."""
+    """How to turn φ_param into a mask (the CLI's --param-budget, --mask-sign, --quota-*, filters, units)."""
 
     budget: float = 0.1
     sign: str = "signed"
@@ -142,7 +142,7 @@ def check_mask_request(shapes: Mapping[str, tuple[int, ...]], spec: MaskSpec, k:
     bad request deserves: quotas, sign, granularity, budget, filters."""
     check_quotas(spec.quota_layer, spec.quota_module)
     if spec.sign not in ("signed", "abs"):
-        raise SelectionError(f"--sign {spec.sign!r}: use signed or abs")
+        raise SelectionError(f"--mask-sign {spec.sign!r}: use signed or abs")
     parse_granularity(spec.granularity)
     numel = {n: math.prod(s) for n, s in shapes.items()}
     d = sum(numel.values())
@@ -213,8 +213,10 @@ class SubsetSelection:
 
 
 def select_subset(data_scores: torch.Tensor, budget: float | int, sign: str = "signed") -> SubsetSelection:
-    """S = top-b of φ_data [N] (signed, or |φ_data|), ties to the earlier pool position.
+    """S = top-b of φ_data [N], ties to the earlier pool position.
 
+    DualSFT ranks examples by signed φ_data (a negative score predicts harm, however large);
+    ``sign="abs"`` ranks by |φ_data| and is never the method's choice.
     ``budget``: a float is resolved by resolve_budget (fraction or count); an int is an exact count b."""
     if sign not in ("signed", "abs"):
         raise SelectionError(f"--sign {sign!r}: use signed or abs")
