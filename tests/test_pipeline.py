@@ -12,9 +12,10 @@ from dualsft.models import load_model
 from dualsft.selection.mask import load_mask
 from dualsft.testing import one_torch_thread
 
-TINY = ["--pool-size", "30", "--val-size", "4", "--test-size", "4", "--stability-size", "2", "--humaneval-size", "0",
-        "--max-length", "640", "--score-batch-size", "4", "--batch-size", "4", "--micro-batch-size", "4",
-        "--epochs", "1", "--eval-max-examples", "2", "--eval-batch-size", "4", "--lambda-prior", "0.2"]
+TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4", "--data.stability-size", "2",
+        "--data.humaneval-size", "0", "--max-length", "640", "--score.batch-size", "4", "--train.batch-size", "4",
+        "--train.micro-batch-size", "4", "--train.epochs", "1", "--eval.max-examples", "2", "--eval.batch-size", "4",
+        "--score.lambda-prior", "0.2"]
 
 
 @pytest.fixture(autouse=True)
