@@ -110,6 +110,10 @@ def test_compare_pairs_dualsft_with_a_baseline_axis(tmp_path, micro_model_dir):
     assert subset("dualsft+lora") == subset("dualsft") and not (sel["dualsft+lora"] / "mask.safetensors").exists()
     summary = json.loads((sel["dualsft+lora"] / "summary.json").read_text())
     assert summary["info"]["lora_rank"] >= 1
+    # a mixed pair is the registry's selection (no `dualsft select` folder rewritten); compare keeps its cost apart
+    assert summary["method"] == "dualsft+lora" and not (sel["dualsft+lora"] / "metadata.json").exists()
+    assert "compare_cost" not in json.loads((sel["dualsft"] / "summary.json").read_text())
+    assert all((sel[m].parent / "selection_cost.json").exists() for m in sel)
 
 
 def test_compare_refuses_an_unknown_axis_before_any_work(tmp_path, micro_model_dir, caplog):

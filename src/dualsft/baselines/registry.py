@@ -46,6 +46,9 @@ class DualSFTScores:
     folder: Path
     mask: MaskSpec = field(default_factory=MaskSpec)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))  # a str path works too
+
 
 @dataclass
 class BaselineContext:

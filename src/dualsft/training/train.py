@@ -52,10 +52,7 @@ class TrainConfig(TrainSettings, CommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")
-        require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
-        require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
-        require(self.micro_batch_size >= 1, "micro-batch-size", self.micro_batch_size, "must be at least 1")
+        require(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")  # the rest: loop.check_settings
 
 
 CONFIG = TrainConfig
