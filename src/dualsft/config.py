@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from dualsft.errors import ConfigError
 
 C = TypeVar("C")
+Template = Literal["chat", "plain"]
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -38,19 +39,15 @@ class CommonConfig:
     model: str = opt("smollm2-135m", "HF model id or local folder; 'smollm2-135m' = embedded SmolLM2-135M-Instruct")
     dtype: str = opt("auto", "auto (bf16 on CUDA, float32 on CPU), float32, float64, bfloat16")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    template: Literal["chat", "plain"] = opt("chat", "chat: tokenizer's chat template; plain: prompt + '\\n' + response")
+    template: Template = opt("chat", "chat: tokenizer's chat template; plain: prompt + '\\n' + response")
     max_length: int = opt(256, "truncate examples to this many tokens (truncations are reported)")
     drop_empty: bool = opt(False, "drop (with a warning) examples left with no response token instead of failing")
     seed: int = opt(0, "random seed")
     overwrite: bool = opt(False, "replace an existing stage folder whose metadata differs")
 
     def __post_init__(self) -> None:
-        require(self.template in ("chat", "plain"), "template", self.template, "use chat or plain")
-        require(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        require(self.template in get_args(Template), "template", self.template, "use chat or plain")
         require(self.max_length >= 1, "max-length", self.max_length, "must be at least 1")
-
-
-DTYPES = ("auto", "float32", "fp32", "float64", "fp64", "bfloat16", "bf16", "float16", "fp16")
 
 
 def require(ok: bool, flag: str, value: Any, need: str) -> None:
