@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 
 GOLDEN = Path(__file__).parent / "golden" / "micro_pipeline.json"
-# The same tiny settings as tests/test_pipeline.py (real reasoning-gym data, micro Llama).
-TINY = ["--pool-size", "30", "--val-size", "4", "--test-size", "4", "--stability-size", "2", "--humaneval-size", "0",
-        "--max-length", "640", "--score-batch-size", "4", "--batch-size", "4", "--micro-batch-size", "4",
-        "--epochs", "1", "--eval-max-examples", "2", "--eval-batch-size", "4", "--lambda-prior", "0.2"]
+# The same tiny settings as tests/test_pipeline.py (real reasoning-gym data, micro Llama); the flags are the
+# stage-section spelling (--score.batch-size), the values those the reference was made with.
+TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4", "--data.stability-size", "2",
+        "--data.humaneval-size", "0", "--max-length", "640", "--score.batch-size", "4", "--train.batch-size", "4",
+        "--train.micro-batch-size", "4", "--train.epochs", "1", "--eval.max-examples", "2", "--eval.batch-size", "4",
+        "--score.lambda-prior", "0.2"]
 METHODS = "dualsft,dualsft-joint,less->sift,random"
 RTOL = 1e-5
 

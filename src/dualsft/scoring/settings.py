@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from dualsft.config import CommonConfig, opt
+from dualsft.config import CommonConfig, opt, require
 from dualsft.io import write_json
 
 SETTINGS_FILE = "settings.json"
@@ -43,6 +43,16 @@ class ScoreConfig(CommonConfig):
     stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
     checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
                                 "so a rerun resumes after a kill (0: off)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.order in (1, 2), "order", self.order, "use 1 or 2")
+        require(self.eta > 0, "eta", self.eta, "must be positive")
+        require(self.tau > 0, "tau", self.tau, "must be positive")
+        require(self.lambda_new >= 0, "lambda-new", self.lambda_new, "a weight is >= 0")
+        require(self.lambda_prior >= 0, "lambda-prior", self.lambda_prior, "a weight is >= 0")
+        require(0 <= self.anchor_ratio <= 1, "anchor-ratio", self.anchor_ratio, "a fraction of the pool in [0, 1]")
+        require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
 
 
 @dataclass(frozen=True)

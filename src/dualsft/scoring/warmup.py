@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from dualsft import distributed as dist
-from dualsft.config import CommonConfig, opt
+from dualsft.config import CommonConfig, opt, require
 from dualsft.data.formats import TokenizedExample
 from dualsft.errors import ConfigError
 from dualsft.io import read_json, save_tensors, write_json
@@ -58,6 +58,12 @@ class WarmupConfig(CommonConfig):
     weight_decay: float = opt(0.0, "AdamW weight decay")
     batch_size: int = opt(16, "effective batch: examples per optimizer step")
     micro_batch_size: int = opt(4, "examples per forward/backward (gradient accumulation fills the batch)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 <= self.warmup_ratio <= 1, "warmup-ratio", self.warmup_ratio, "a fraction of the pool in [0, 1]")
+        require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        require(self.lr > 0, "lr", self.lr, "must be positive")
 
 
 CONFIG = WarmupConfig

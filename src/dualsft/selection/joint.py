@@ -97,7 +97,7 @@ def refine_jointly(
             best = (I_m, mask, pos, sc)
         phi = row_scores(masked_u(v, c, G_S, eta, mask.indices))
         passes["row_score_examples"] += len(phi)
-        new_pos = select_subset(phi, b, spec.sign).positions
+        new_pos = select_subset(phi, b).positions  # examples: always signed
         changed = len(set(new_pos.tolist()) - set(pos.tolist()))
         pos, sc = new_pos, phi[new_pos]
         G_S = grad_sum(pos)
