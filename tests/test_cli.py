@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,6 +14,11 @@ import pytest
 from dualsft.cli import COMMANDS, build_parser
 from dualsft.config import CommonConfig, add_config_args, build_config, opt
 from dualsft.errors import ConfigError
+from dualsft.evaluation.compare import CompareConfig
+from dualsft.scoring.score import ScoreConfig
+from dualsft.selection.select import SelectConfig
+from dualsft.stages import RunConfig
+from dualsft.training.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,6 @@ def test_every_available_command_documents_every_option():
     parser, mods = build_parser()
     assert "info" in mods
     for words, mod in mods.items():
-        import dataclasses
-
         for f in dataclasses.fields(mod.CONFIG):
             assert f.metadata.get("help"), f"{words}: option {f.name} has no help text"
 
@@ -60,3 +65,64 @@ def test_console_entry_point_lists_commands():
     out = subprocess.run([sys.executable, "-m", "dualsft", "--help"], capture_output=True, text=True, check=True).stdout
     assert "info" in out and "COMMAND" in out
     assert set(COMMANDS) >= {"run", "data build", "warmup", "score", "select", "train", "eval", "compare"}
+
+
+def run_config(argv):
+    parser, _ = build_parser()
+    args = vars(parser.parse_args(["run", *argv]))
+    return build_config(RunConfig, {k: v for k, v in args.items() if k not in ("_module", "command", "subcommand",
+                                                                               "verbose")})
+
+
+def test_run_sections_come_from_the_stage_configs_with_the_runs_own_defaults():
+    cfg = RunConfig()
+    assert isinstance(cfg.score, ScoreConfig) and isinstance(cfg.train, TrainConfig)
+    assert (cfg.score.batch_size, cfg.train.lr, cfg.train.batch_size, cfg.data.pool_size, cfg.eval.batch_size) == \
+        (8, 2e-4, 8, 384, 16)
+    assert cfg.score.eta == ScoreConfig().eta and cfg.select == dataclasses.replace(SelectConfig(), run_dir="runs/main")
+    assert CompareConfig().select.joint_rounds == 1 and cfg.select.joint_rounds == 0
+
+
+def test_run_section_flags_yaml_and_common_options(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("model: m\nseed: 3\nscore: {batch-size: 2, method: jvp}\ntrain:\n  lr: 1.0e-3\n")
+    cfg = run_config(["--config", str(y), "--score.batch-size", "5", "--select.no-plot", "--run-dir", "r"])
+    assert (cfg.score.batch_size, cfg.score.method, cfg.train.lr, cfg.select.plot) == (5, "jvp", 1e-3, False)
+    # the common options are top-level and every section has them
+    assert cfg.score.model == cfg.train.model == "m" and cfg.train.seed == cfg.data.seed == 3
+    assert cfg.select.run_dir == cfg.eval.run_dir == "r" and cfg.select.model is None
+    assert dataclasses.replace(cfg, device="cpu").warmup.device == "cpu"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("score: {model: x}\n", "score.model: model is a common option"),
+    ("score: {pool: x}\n", "score.pool: set by the pipeline"),
+    ("train: {lrr: 1}\n", "unknown option train.lrr"),
+    ("score: 3\n", "expected a mapping"),
+    ("score: {eta: small}\n", "score.eta: 'small' is not a number"),
+    ("score: {order: 3}\n", "--order 3: use 1 or 2"),
+])
+def test_bad_run_sections_are_refused(tmp_path, text, needle):
+    y = tmp_path / "run.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        run_config(["--config", str(y)])
+
+
+def test_run_help_lists_the_section_flags_with_their_defaults():
+    for cmd in ("run", "compare"):
+        out = subprocess.run([sys.executable, "-m", "dualsft", cmd, "--help"], capture_output=True, text=True,
+                             check=True).stdout
+        flat = " ".join(out.split())
+        assert "--score.batch-size INT" in flat and "--train.lr FLOAT" in flat and "--select.mask-sign" in flat
+        assert "(default: 8)" in flat and "(default: 0.0002)" in flat
+        assert "--score-batch-size" not in flat and "--train-method" not in flat
+
+
+def test_stage_configs_refuse_bad_values():
+    with pytest.raises(ConfigError, match=r"--max-length 0"):
+        ScoreConfig(max_length=0)
+    with pytest.raises(ConfigError, match=r"--lr -1"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match=r"--joint-rounds -1"):
+        SelectConfig(joint_rounds=-1)

@@ -12,9 +12,10 @@ from dualsft.models import load_model
 from dualsft.selection.mask import load_mask
 from dualsft.testing import one_torch_thread
 
-TINY = ["--pool-size", "30", "--val-size", "4", "--test-size", "4", "--stability-size", "2", "--humaneval-size", "0",
-        "--max-length", "640", "--score-batch-size", "4", "--batch-size", "4", "--micro-batch-size", "4",
-        "--epochs", "1", "--eval-max-examples", "2", "--eval-batch-size", "4", "--lambda-prior", "0.2"]
+TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4", "--data.stability-size", "2",
+        "--data.humaneval-size", "0", "--max-length", "640", "--score.batch-size", "4", "--train.batch-size", "4",
+        "--train.micro-batch-size", "4", "--train.epochs", "1", "--eval.max-examples", "2", "--eval.batch-size", "4",
+        "--score.lambda-prior", "0.2"]
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +110,10 @@ def test_compare_pairs_dualsft_with_a_baseline_axis(tmp_path, micro_model_dir):
     assert subset("dualsft+lora") == subset("dualsft") and not (sel["dualsft+lora"] / "mask.safetensors").exists()
     summary = json.loads((sel["dualsft+lora"] / "summary.json").read_text())
     assert summary["info"]["lora_rank"] >= 1
+    # a mixed pair is the registry's selection (no `dualsft select` folder rewritten); compare keeps its cost apart
+    assert summary["method"] == "dualsft+lora" and not (sel["dualsft+lora"] / "metadata.json").exists()
+    assert "compare_cost" not in json.loads((sel["dualsft"] / "summary.json").read_text())
+    assert all((sel[m].parent / "selection_cost.json").exists() for m in sel)
 
 
 def test_compare_refuses_an_unknown_axis_before_any_work(tmp_path, micro_model_dir, caplog):

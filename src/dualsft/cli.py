@@ -33,21 +33,9 @@ COMMANDS: dict[str, str] = {
 log = logging.getLogger("dualsft")
 
 
-def _available() -> dict[str, object]:
-    mods = {}
-    for words, modname in COMMANDS.items():
-        try:
-            mods[words] = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name and modname.startswith(e.name):  # stage not built yet: leave it out of the CLI
-                continue
-            raise
-    return mods
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    """The top-level parser with one sub-parser per available command."""
-    mods = _available()
+    """The top-level parser with one sub-parser per command."""
+    mods = {words: importlib.import_module(modname) for words, modname in COMMANDS.items()}
     parser = argparse.ArgumentParser(
         prog="dualsft",
         description="Choose which parameters to update and which examples to train on from one set of "

@@ -3,6 +3,11 @@
 CLI flags (``--field-name``) and YAML files (``--config f.yaml`` with ``field_name: value``) are derived
 from the dataclass fields; each field's ``metadata["help"]`` is its documentation. Precedence:
 dataclass default < YAML file < explicit CLI flag. The user's objects are never mutated.
+
+A config that runs several stages (``dualsft run``) holds each stage's config as a *section* field
+(``section(...)``): YAML ``score: {batch_size: 8}`` and flags ``--score.batch-size 8`` are derived from
+the stage's own dataclass, the common options (``CommonConfig``'s fields) stay top-level and are passed
+down, and the fields one stage hands to the next (``wired``) are not options at all.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from dualsft.errors import ConfigError
 
 C = TypeVar("C")
+Template = Literal["chat", "plain"]
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -33,11 +39,59 @@ class CommonConfig:
     model: str = opt("smollm2-135m", "HF model id or local folder; 'smollm2-135m' = embedded SmolLM2-135M-Instruct")
     dtype: str = opt("auto", "auto (bf16 on CUDA, float32 on CPU), float32, float64, bfloat16")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    template: Literal["chat", "plain"] = opt("chat", "chat: tokenizer's chat template; plain: prompt + '\\n' + response")
+    template: Template = opt("chat", "chat: tokenizer's chat template; plain: prompt + '\\n' + response")
     max_length: int = opt(256, "truncate examples to this many tokens (truncations are reported)")
     drop_empty: bool = opt(False, "drop (with a warning) examples left with no response token instead of failing")
     seed: int = opt(0, "random seed")
     overwrite: bool = opt(False, "replace an existing stage folder whose metadata differs")
+
+    def __post_init__(self) -> None:
+        require(self.template in get_args(Template), "template", self.template, "use chat or plain")
+        require(self.max_length >= 1, "max-length", self.max_length, "must be at least 1")
+
+
+def require(ok: bool, flag: str, value: Any, need: str) -> None:
+    """Raise ConfigError naming ``--flag`` and the offending ``value`` unless ``ok`` (for ``__post_init__``)."""
+    if not ok:
+        raise ConfigError(f"--{flag} {value!r}: {need}")
+
+
+def section(cls: type, help: str, wired: tuple[str, ...] = (), own: tuple[str, ...] = (), **defaults: Any) -> Any:
+    """A field holding one stage's config ``cls`` inside a multi-stage config.
+
+    ``defaults``: this config's own defaults where they differ from the stage's (declared once, here).
+    ``wired``: the stage's fields the orchestrator sets itself (paths from one stage to the next); not options.
+    ``own``: fields named like a common option that keep the stage's own meaning (not passed down).
+    """
+    return field(default=cls(**defaults), metadata={"help": help, "section": cls, "wired": wired, "own": own})
+
+
+def section_fields(cls: type) -> list[dataclasses.Field]:
+    """The section fields of a config class (empty for a single stage's config)."""
+    return [f for f in dataclasses.fields(cls) if "section" in f.metadata]
+
+
+def passed_down(f: dataclasses.Field) -> list[str]:
+    """The common options a section takes from the top level."""
+    mine = {g.name for g in dataclasses.fields(f.metadata["section"])}
+    return [c.name for c in dataclasses.fields(CommonConfig) if c.name in mine and c.name not in f.metadata["own"]]
+
+
+def section_options(f: dataclasses.Field) -> list[dataclasses.Field]:
+    """The options of a section: its stage's fields less the common, the wired and the deprecated ones."""
+    skip = {*passed_down(f), *f.metadata["wired"]}
+    return [g for g in dataclasses.fields(f.metadata["section"]) if g.name not in skip and
+            not g.metadata.get("deprecated")]
+
+
+def pass_down_common(cfg: Any) -> None:
+    """Give every section of ``cfg`` the top-level common options (``cfg.__post_init__`` calls this, so a
+    section is always the config its stage runs with, the wired paths aside)."""
+    for f in section_fields(type(cfg)):
+        stage = getattr(cfg, f.name)
+        shared = {n: getattr(cfg, n) for n in passed_down(f)}
+        if any(getattr(stage, n) != v for n, v in shared.items()):
+            object.__setattr__(cfg, f.name, dataclasses.replace(stage, **shared))
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -59,24 +113,36 @@ def _parse_bool(s: str) -> bool:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--field-name`` flag per dataclass field (defaults left as SUPPRESS so YAML can fill in)."""
-    hints = typing.get_type_hints(cls)
     parser.add_argument("--config", default=None, help="YAML file of option values (CLI flags win)")
-    for f in dataclasses.fields(cls):
+    sections = section_fields(cls)
+    _add_flags(parser, cls, [f for f in dataclasses.fields(cls) if f not in sections], "", None)
+    for f in sections:
+        group = parser.add_argument_group(f"{f.name} section (YAML '{f.name}:')", f.metadata["help"])
+        _add_flags(group, f.metadata["section"], section_options(f), f.name + ".", f.default)
+
+
+def _add_flags(parser: Any, cls: type, fields: list[dataclasses.Field], prefix: str, defaults: Any) -> None:
+    """``--<prefix><field-name>`` per field (dest ``<prefix><field_name>``); the help shows the default,
+    read from ``defaults`` (a section's default config) when given."""
+    hints = typing.get_type_hints(cls)
+    for f in fields:
         tp, _ = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        helptext = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
+        dashed = f.name.replace("_", "-")
+        default = f.default if defaults is None else getattr(defaults, f.name)
+        helptext = f"{f.metadata.get('help', '')} (default: {default!r})"
+        kw: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": helptext}
         if tp is bool:
-            parser.add_argument(flag, action="store_true", **kw)
-            parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_false", dest=f.name,
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            parser.add_argument(f"--{prefix}{dashed}", action="store_true", **kw)
+            negative = f"--{prefix}no-{dashed}" if prefix else f"--no-{dashed}"
+            parser.add_argument(negative, action="store_false", dest=prefix + f.name, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
         elif get_origin(tp) is Literal:
             choices = get_args(tp)
-            parser.add_argument(flag, type=type(choices[0]), choices=choices, **kw)
+            parser.add_argument(f"--{prefix}{dashed}", type=type(choices[0]), choices=choices, **kw)
         elif tp in (int, float, str):
-            parser.add_argument(flag, type=tp, metavar=tp.__name__.upper(), **kw)
+            parser.add_argument(f"--{prefix}{dashed}", type=tp, metavar=tp.__name__.upper(), **kw)
         else:
-            parser.add_argument(flag, type=str, **kw)
+            parser.add_argument(f"--{prefix}{dashed}", type=str, **kw)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -89,12 +155,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {p}: expected a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {k.replace("-", "_"): {j.replace("-", "_"): w for j, w in v.items()} if isinstance(v, dict) else v
+            for k, v in data.items()}
 
 
 def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None = None, **overrides: Any) -> C:
     """Resolve a config: dataclass defaults < YAML (``args.config``) < CLI values < keyword overrides.
 
+    A section's values come as YAML ``name: {field: value}`` or as flat ``name.field`` keys (the CLI's).
     Unknown keys raise ConfigError naming them and the valid options.
     """
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
@@ -107,25 +175,56 @@ def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None 
     if unknown:
         raise ConfigError(f"--config {yaml_path}: unknown option(s) {unknown} for {cls.__name__}; "
                           f"valid: {sorted(names)}")
+    sections = {f.name: f for f in section_fields(cls)}
+    nested = {name: _section_values(f, values.pop(name, {}), str(yaml_path)) for name, f in sections.items()}
     values = check_yaml_values(cls, values, str(yaml_path))
-    values.update(given)
-    values.update(overrides)
+    for key, v in [*given.items(), *overrides.items()]:
+        name, dot, option = key.partition(".")
+        if dot and name in sections:
+            nested[name][option] = v
+        else:
+            values[key] = v
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+    for name, f in sections.items():
+        if name not in values:
+            values[name] = dataclasses.replace(f.default, **_checked_options(f, nested[name]))
     return cls(**values)
 
 
-def check_yaml_values(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+def _section_values(f: dataclasses.Field, values: Any, where: str) -> dict[str, Any]:
+    """A section's YAML mapping, checked like top-level YAML values."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {where}: {f.name}: expected a mapping of option: value, got {values!r}")
+    return check_yaml_values(f.metadata["section"], _checked_options(f, values, f"--config {where}: "), where,
+                             f.name + ".")
+
+
+def _checked_options(f: dataclasses.Field, values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``values`` if every key is an option of section ``f``, else ConfigError saying where the key belongs."""
+    options = {g.name for g in section_options(f)}
+    for key in values:
+        if key in passed_down(f):
+            raise ConfigError(f"{where}{f.name}.{key}: {key} is a common option; set it at the top level")
+        if key in f.metadata["wired"]:
+            raise ConfigError(f"{where}{f.name}.{key}: set by the pipeline itself (from one stage to the next)")
+        if key not in options:
+            raise ConfigError(f"{where}unknown option {f.name}.{key}; valid: {sorted(options)}")
+    return dict(values)
+
+
+def check_yaml_values(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
     """A copy of ``values`` read from YAML with each value checked against its field's type (argparse does
-    this for flags): Literal choices, bool, int, float (YAML reads ``1e-3`` as a string), str."""
+    this for flags): Literal choices, bool, int, float (YAML reads ``1e-3`` as a string), str. ``prefix``
+    (a section's ``name.``) goes before each option name in the messages."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for name, v in values.items():
         tp, optional = _base_type(hints[name])
         if v is None and optional:
             continue
-        bad = ConfigError(f"--config {where}: {name}: {v!r} is not {_type_words(tp)}")
+        bad = ConfigError(f"--config {where}: {prefix}{name}: {v!r} is not {_type_words(tp)}")
         if get_origin(tp) is Literal:
             if v not in get_args(tp):
                 raise bad

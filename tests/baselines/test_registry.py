@@ -9,6 +9,7 @@ import torch
 
 from dualsft.baselines import (
     BaselineContext,
+    DualSFTScores,
     LessConfig,
     make_context,
     select_baseline,
@@ -17,13 +18,15 @@ from dualsft.baselines import (
     write_selection,
 )
 from dualsft.baselines.budget import resolve_budget
+from dualsft.baselines.data import pool_indices
 from dualsft.baselines.params import lora_trainable_count
 from dualsft.data.formats import load_examples, normalise_record
-from dualsft.errors import BudgetError
-from dualsft.io import read_json, read_jsonl
+from dualsft.errors import BudgetError, ConfigError
+from dualsft.io import read_json, read_jsonl, save_tensors, write_jsonl
 from dualsft.losses import per_example_loss
 from dualsft.scoring.stats import trainable_params
 from dualsft.selection.mask import load_mask
+from dualsft.selection.policy import MaskSpec, select_mask, select_subset
 from dualsft.testing import micro_llama, toy_records
 
 N_POOL = 20
@@ -196,3 +199,29 @@ def test_writer_layout(ctx_for, tmp_path):
     write_selection(out, full, pool_examples)
     assert not (out / "mask.safetensors").exists()
     assert read_json(out / "summary.json")["train_options"] == "--mask none"
+
+
+def test_dualsft_is_a_registry_method_that_ranks_the_saved_scores(ctx_for, models, tmp_path):
+    """The "dualsft" selectors read RUN/scores and rank them as `dualsft select` does: the subset is the top-b
+    of signed φ_data (not |φ_data|), the mask select_mask under the context's policy at exactly k entries."""
+    base, warm = models
+    ctx = ctx_for(0.25, 0.1)
+    g = torch.Generator().manual_seed(3)
+    idx = pool_indices(ctx.pool_batches)
+    phi_data = torch.randn(len(idx), generator=g, dtype=torch.float64) - 1.0  # mostly negative
+    write_jsonl(tmp_path / "data_scores.jsonl", [{"index": i, "score": float(s)} for i, s in zip(idx, phi_data)])
+    phi_param = {n: torch.randn(p.shape, generator=g) for n, p in trainable_params(warm).items()}
+    save_tensors(tmp_path / "param_scores.safetensors", phi_param)
+    with pytest.raises(ConfigError, match="DualSFTScores"):
+        select_baseline("dualsft", "dualsft", ctx)
+    spec = MaskSpec(sign="abs", quota_layer=0.2, quota_module=0.2)
+    ctx.dualsft = DualSFTScores(tmp_path, spec)
+    sel = select_baseline("dualsft", "dualsft", ctx)
+    top = select_subset(phi_data, ctx.b).positions.tolist()
+    assert sel.subset == [idx[p] for p in top] and sel.subset_scores == {idx[p]: float(phi_data[p]) for p in top}
+    assert sel.subset != sorted(idx[p] for p in torch.sort(phi_data.abs(), descending=True).indices[:ctx.b].tolist())
+    expected = select_mask({n: t.clone() for n, t in phi_param.items()}, spec, k=ctx.k).indices
+    assert {n: t.tolist() for n, t in sel.mask.items()} == {n: t.tolist() for n, t in expected.items()}
+    _check_mask(sel.mask, base, ctx.k)
+    mixed = select_baseline("dualsft", "random", ctx)  # one axis DualSFT, the other a baseline
+    assert mixed.subset == sel.subset and mixed.mask is not None and mixed.cost["stages"][0]["examples_processed"] == 0

@@ -170,6 +170,19 @@ def test_bad_value_type_in_config_yaml(fail: Fail, micro_model_dir: Path, data_d
     assert_no_success(tmp_path / "run" / "scores")
 
 
+@pytest.mark.parametrize("text, needles", [
+    ("score:\n  model: other\n", ["score.model", "set it at the top level"]),
+    ("train:\n  lr: -1\n", ["--lr -1", "must be positive"]),
+])
+def test_run_section_values_are_checked_before_any_stage(fail: Fail, micro_model_dir: Path, tmp_path: Path,
+                                                           text: str, needles: list[str]) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    err = fail(["run", "--model", str(micro_model_dir), "--run-dir", str(tmp_path / "run"), "--config", str(cfg)])
+    assert type(err) is ConfigError and all(n in str(err) for n in needles), str(err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_warmup_batch_not_a_multiple_of_micro_batch(fail: Fail, micro_model_dir: Path, data_dir: Path,
                                                     tmp_path: Path) -> None:
     err = fail(["warmup", *model_args(micro_model_dir, tmp_path / "run"), "--pool", str(data_dir / "pool.jsonl"),

@@ -11,7 +11,7 @@ from dualsft.cli import main as cli
 from dualsft.errors import ConfigError
 from dualsft.io import load_tensors, read_json, read_jsonl
 from dualsft.scoring.data import sample_positions
-from dualsft.scoring.warmup import exp_avg_sq, train_warmup
+from dualsft.scoring.settings import load_settings
 from dualsft.testing import byte_tokenizer, micro_llama, toy_records
 
 
@@ -36,19 +36,6 @@ def test_sample_positions_seeded():
     assert a == sample_positions(100, 0.1, 3) and len(a) == 10 and a == sorted(a)
     assert a != sample_positions(100, 0.1, 4)
     assert sample_positions(100, 0.0, 3) == [] and len(sample_positions(5, 0.01, 0)) == 1
-
-
-def test_exp_avg_sq_is_the_optimizer_state(tokenizer):
-    from scoring_helpers import toy_toks
-
-    model = micro_llama(tied=True, seed=0)
-    optim, losses = train_warmup(model, toy_toks(tokenizer, 8), tokenizer.pad_token_id, 1, 1e-3, 0.0, 4, 2, 0,
-                                 show_progress=False)
-    c = exp_avg_sq(model, optim)
-    assert len(losses) == 2 and set(c) == {n for n, _ in model.named_parameters()}
-    for n, p in model.named_parameters():
-        assert torch.equal(c[n], optim.state[p]["exp_avg_sq"].float()), n
-        assert float(c[n].abs().sum()) > 0, n  # float32 keeps the tiny second moments
 
 
 def test_warmup_then_score_end_to_end(micro_folder, tmp_path):
@@ -82,6 +69,9 @@ def test_warmup_then_score_end_to_end(micro_folder, tmp_path):
     assert abs(summary["sum_data"] - utg) <= 1e-6 * abs(utg)
     assert summary["u_term_norms"]["half_eta2_c_G"] > 0 and summary["u_term_norms"]["eta_lambda_prior_v_prior"] > 0
     assert summary["scored_at"] == "theta_w"
+    settings = load_settings(s)  # the one typed record later stages read η, order, ... from
+    assert (settings.eta, settings.order, settings.stats_dtype, settings.scored_at) == (1e-2, 2, "float64", "theta_w")
+    assert settings.model == str(d / "model") and settings.max_length == 64
 
     # first order with the ghost one-pass: the same G, and rows = ⟨ηv, g_n⟩
     assert cli([*args, "--order", "1", "--overwrite"]) == 0

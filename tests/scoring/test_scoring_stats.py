@@ -7,8 +7,9 @@ import torch
 from scoring_helpers import MODELS, toy_batches
 
 from dualsft.losses import per_example_loss
+from dualsft.method import combine_u, param_scores, surrogate_improvement
 from dualsft.scoring.rows import row_scores
-from dualsft.scoring.stats import combine_u, gradient_sum, param_scores, surrogate_improvement, target_gradient, trainable_params
+from dualsft.scoring.stats import gradient_sum, target_gradient, trainable_params
 
 
 def test_trainable_params_tied_once_in_named_order():

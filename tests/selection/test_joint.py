@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from dualsft.data.formats import batches, load_examples, tokenize_examples
+from dualsft.method import subset_term, surrogate_improvement
 from dualsft.models import load_model, load_tokenizer
 from dualsft.scoring.rows import row_scores
-from dualsft.scoring.stats import gradient_sum, surrogate_improvement, trainable_params
-from dualsft.selection.joint import dense_masks, mask_term, refine_jointly
+from dualsft.scoring.stats import gradient_sum, trainable_params
+from dualsft.selection.joint import dense_masks, refine_jointly
 from dualsft.selection.policy import MaskSpec, select_mask, select_subset
 
 
@@ -20,7 +21,7 @@ def test_mask_term_sums_to_the_surrogate():
     v, c, G = ({n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()} for _ in range(3))
     c = {n: t.abs() for n, t in c.items()}
     m = {n: torch.rand(s, generator=g) < 0.4 for n, s in shapes.items()}
-    t = mask_term(v, c, G, eta=0.3)
+    t = subset_term(v, c, G, eta=0.3)
     assert sum(float(t[n][m[n]].sum()) for n in shapes) == pytest.approx(surrogate_improvement(v, c, G, m, 0.3), rel=1e-12)
 
 
@@ -66,7 +67,7 @@ def test_parameter_step_never_lowers_the_surrogate(scored_run, order):
     assert I_best == pytest.approx(max(h["I"] for h in hist), rel=1e-6)
     assert res.mask.n_selected == mask0.k and len(res.positions) == 6
     # for that subset, no random mask of the same size beats the parameter step
-    best_for_S = select_mask(mask_term(v, c, G_best, eta), spec, k=mask0.k)
+    best_for_S = select_mask(subset_term(v, c, G_best, eta), spec, k=mask0.k)
     I_opt = surrogate(v, G_best, dense_masks(best_for_S.indices, best_for_S.shapes))
     g = torch.Generator().manual_seed(0)
     for _ in range(5):

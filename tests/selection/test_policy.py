@@ -203,10 +203,10 @@ def test_select_mask_leaves_input_untouched_unless_consumed():
     assert all(torch.equal(before[n], scores[n]) for n in scores)
 
 
-def test_subset_top_b_with_ties_and_sign():
+def test_subset_top_b_with_ties_and_always_signed():
     s = torch.tensor([0.5, -2.0, 0.5, 1.0, 0.5, -0.1])
     assert select_subset(s, 0.5).positions.tolist() == [0, 2, 3]       # b = 3: 1.0, then first two 0.5s
-    assert select_subset(s, 2.0, sign="abs").positions.tolist() == [1, 3]
+    assert select_subset(s, 2.0).positions.tolist() == [0, 3]          # -2.0 is large in |φ| but predicts harm
     assert select_subset(s, 1.0).b == 6
     with pytest.raises(BudgetError, match="exceeds"):
         select_subset(s, 7.0)

@@ -11,7 +11,7 @@ import torch
 from dualsft.cli import main as cli
 from dualsft.data.formats import load_examples
 from dualsft.errors import ArtifactError, MetadataMismatchError
-from dualsft.io import read_json, read_jsonl, write_json
+from dualsft.io import read_json, read_jsonl, write_json, write_jsonl
 from dualsft.selection.mask import load_mask
 from dualsft.selection.select import SelectConfig
 from dualsft.selection.select import main as select_main
@@ -122,3 +122,26 @@ def test_joint_rounds_through_the_cli(run):
             assert cur["I"] >= prev["I"] - 1e-12 * abs(prev["I"])
     assert s["I_final"] == max(h["I"] for h in hist)
     assert s["passes"]["row_score_examples"] == 24 * sum(h["step"] == "data" for h in hist)
+
+
+def test_mask_sign_abs_ranks_the_mask_only(run, scored_run):
+    """--mask-sign abs ranks parameter entries by |φ_param|; examples stay the top-b of signed φ_data."""
+    rows = read_jsonl(run / "scores" / "data_scores.jsonl")
+    phi = torch.tensor([r["score"] for r in rows], dtype=torch.float64) - 0.5 * scored_run.phi_data.abs().max()
+    write_jsonl(run / "scores" / "data_scores.jsonl", [{**r, "score": float(p)} for r, p in zip(rows, phi)])
+    signed = torch.sort(phi, descending=True, stable=True).indices[:6].sort().values.tolist()
+    by_abs = torch.sort(phi.abs(), descending=True, stable=True).indices[:6].sort().values.tolist()
+    assert signed != by_abs  # shifted scores: the most negative are the largest in magnitude
+    assert cli(["select", "--run-dir", str(run), "--data-budget", "6", "--mask-sign", "abs", "--out", "abs"]) == 0
+    assert [r["index"] for r in read_jsonl(run / "abs" / "subset.jsonl")] == signed
+    s = read_json(run / "abs" / "summary.json")
+    assert s["param"]["sign"] == "abs" and s["data"]["sign"] == "signed"
+
+
+def test_sign_is_a_deprecated_alias_of_mask_sign(run, caplog):
+    assert cli(["select", "--run-dir", str(run), "--sign", "abs", "--out", "old"]) == 0
+    assert "--sign is deprecated" in caplog.text
+    assert cli(["select", "--run-dir", str(run), "--mask-sign", "abs", "--out", "new"]) == 0
+    assert load_mask(run / "old" / "mask.safetensors")[0].keys() == load_mask(run / "new" / "mask.safetensors")[0].keys()
+    assert read_json(run / "old" / "metadata.json")["config"] == {**read_json(run / "new" / "metadata.json")["config"],
+                                                                 "out": "old"}

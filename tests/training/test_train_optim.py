@@ -8,7 +8,7 @@ from train_helpers import MODELS, fresh, random_mask, toy_examples
 
 from dualsft.losses import per_example_loss
 from dualsft.training.loop import TrainSettings, train_restricted
-from dualsft.training.optim import AdamWHyper, SparseAdamW, adamw_update_
+from dualsft.training.optim import SparseAdamW, adamw_update_
 
 
 def _train(arch: str, method: str, mask_frac: float, **kw) -> tuple[dict, dict, dict]:
@@ -80,13 +80,13 @@ def test_bf16_weights_keep_float32_masters() -> None:
     p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
     p0 = p.detach().clone()
     idx = torch.tensor([1, 5, 9], dtype=torch.int32)
-    opt = SparseAdamW([("w", p)], {"w": idx}, AdamWHyper(lr=1e-4))
-    assert opt.slots[0].master.dtype == torch.float32
+    opt = SparseAdamW([("w", p)], {"w": idx}, lr=1e-4)
+    assert opt.state[p]["master"].dtype == torch.float32
     for _ in range(3):
         (p.float() ** 2).sum().backward()
         opt.step()
         opt.zero_grad()
-    master = opt.slots[0].master
+    master = opt.state[p]["master"]
     assert torch.equal(p.detach()[idx.long()], master.to(torch.bfloat16))
     assert not torch.equal(master, p0[idx.long()].float())  # 3e-4 moves are below bf16 resolution at |w|~1
     keep = torch.ones(64, dtype=torch.bool)
@@ -100,11 +100,10 @@ def test_adamw_update_matches_torch() -> None:
     w = torch.randn(50, dtype=torch.float64)
     ref = torch.nn.Parameter(w.clone())
     topt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.05)
-    hp = AdamWHyper(lr=0.01, weight_decay=0.05)
     m, v, vals = torch.zeros_like(w), torch.zeros_like(w), w.clone()
     for step in range(1, 6):
         g = torch.randn(50, dtype=torch.float64)
         ref.grad = g.clone()
         topt.step()
-        adamw_update_(vals, g, m, v, step, 0.01, hp)
+        adamw_update_(vals, g, m, v, step, 0.01, (0.9, 0.999), 1e-8, 0.05)
     assert torch.allclose(vals, ref.detach(), rtol=0, atol=1e-15)

@@ -1,6 +1,6 @@
-"""Matched-budget baseline selectors (issue 6 item 2): random / loss / all / LESS-style data selection,
-random / magnitude / SIFT / full / LoRA parameter selection, and the sequential hybrids less→sift and
-sift→less. See docs/baselines.md."""
+"""Matched-budget selectors: random / loss / all / LESS-style / DualSFT data selection, random / magnitude /
+SIFT / full / LoRA / DualSFT parameter selection, and the sequential hybrids less→sift and sift→less.
+See docs/baselines.md."""
 
 from dualsft.baselines.budget import resolve_budget, top_b, topk_entries
 from dualsft.baselines.cost import Cost
@@ -12,10 +12,9 @@ from dualsft.baselines.registry import (
     BaselineContext,
     BaselineSelection,
     DataResult,
+    DualSFTScores,
     ParamResult,
     make_context,
-    register_data_selector,
-    register_param_selector,
     select_baseline,
     select_hybrid,
     subset_batches,
@@ -25,7 +24,6 @@ from dualsft.baselines.writer import write_selection
 
 __all__ = [
     "DATA_SELECTORS", "HYBRIDS", "PARAM_SELECTORS", "BaselineContext", "BaselineSelection", "Cost", "DataResult",
-    "LessConfig", "ParamResult", "SignFoldSketch", "less_scores", "make_context", "register_data_selector",
-    "register_param_selector", "resolve_budget", "select_baseline", "select_hybrid", "subset_batches", "top_b",
-    "topk_entries", "write_selection",
+    "DualSFTScores", "LessConfig", "ParamResult", "SignFoldSketch", "less_scores", "make_context", "resolve_budget",
+    "select_baseline", "select_hybrid", "subset_batches", "top_b", "topk_entries", "write_selection",
 ]

@@ -32,6 +32,8 @@ from dualsft.baselines.cost import Cost
 from dualsft.baselines.pergrad import Layer, backward_per_example, linear_layers
 from dualsft.baselines.sketch import SignFoldSketch
 from dualsft.errors import ConfigError
+from dualsft.scoring.passes import BatchOut, Step, run_pass
+from dualsft.scoring.stats import model_inputs
 from dualsft.selection.mask import indices_to_dense
 
 log = logging.getLogger(__name__)
@@ -99,22 +101,29 @@ def make_transform(cfg: LessConfig, curvature: Mapping[str, torch.Tensor] | None
 def projected_grads(model: torch.nn.Module, batches: Sequence[Batch], layers: Sequence[Layer], sketch: SignFoldSketch,
                     transform: Transform, cost: Cost, progress: Any | None = None) -> tuple[torch.Tensor, list[int]]:
     """f_n = P transform(g_n) for every example: ([N, dim] float, stable indices [N]). One forward +
-    one backward per batch; per-example gradients exist one layer at a time. ``progress``: optional tqdm
-    bar advanced by examples."""
+    one backward per batch (a pass of scoring/passes.py); per-example gradients exist one layer at a time.
+    ``progress``: optional tqdm bar advanced by examples."""
+    res = run_pass(batches, projection_step(model, layers, sketch, transform, cost), progress=progress)
+    if not res.rows:
+        return torch.zeros(0, sketch.dim), []
+    return res.rows["features"], [int(i) for i in res.rows["index"]]
+
+
+def projection_step(model: torch.nn.Module, layers: Sequence[Layer], sketch: SignFoldSketch, transform: Transform,
+                    cost: Cost) -> Step:
+    """The per-batch function of the LESS pass: rows "features" = P transform(g_n) [B, dim] and "index"."""
     device = next(model.parameters()).device
-    feats, indices = [], []
     acc_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    for batch in batches:
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-        B = inputs["input_ids"].shape[0]
+
+    def step(batch: Batch) -> BatchOut:
+        inputs = model_inputs(batch, device)
+        B = int(inputs["input_ids"].shape[0])
         z = sketch.new_buffer(B, acc_dtype, device)
         backward_per_example(model, inputs, layers, _projector(sketch, z, transform))
-        feats.append(sketch.finish(z).cpu())
-        indices += [int(i) for i in batch["index"]]
         cost.count(B, backward=True)
-        if progress is not None:
-            progress.update(B)
-    return torch.cat(feats), indices
+        return BatchOut(B, rows={"features": sketch.finish(z), "index": batch["index"]})
+
+    return step
 
 
 def _projector(sketch: SignFoldSketch, z: torch.Tensor, transform: Transform) -> Callable[[str, torch.Tensor], None]:

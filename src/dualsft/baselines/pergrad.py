@@ -9,7 +9,8 @@ For a linear map o_t = W a_t + b (nn.Linear, W [out, in]) the gradient of exampl
 the layer output receives e (rows of ∂(Σ_n l_n)/∂o are exactly ∂l_n/∂o because examples do not interact in
 eval mode) and hands ``einsum('bto,bti->boi', e, a)`` [B, *W.shape] to a callback, which must reduce it
 (precondition + project) before the next layer's arrives: at most one layer's per-example gradients exist
-at a time. The weights are frozen for the pass (embedding outputs become the differentiable leaves), so
+at a time. The capture is scoring/ghost.py's ``tapped`` (the same per-layer hooks as the ghost row
+scorer). The weights are frozen for the pass (embedding outputs become the differentiable leaves), so
 the backward computes activation gradients only, never a dense weight gradient.
 
 Covered: nn.Linear and transformers' Conv1D whose weight is not shared with an embedding (a tied LM head's
@@ -24,9 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dualsft.errors import ConfigError
 from dualsft.losses import per_example_loss
-from dualsft.scoring.ghost import frozen_with_leaf_embeddings
+from dualsft.scoring.ghost import (
+    Tap,
+    _conv1d_type,  # noqa: F401  (re-exported: baselines/params.py imports it here)
+    frozen_with_leaf_embeddings,
+    module_kind,
+    tapped,
+)
 
 Batch = dict[str, torch.Tensor]
 # callback(parameter name, per-example gradients [B, *param.shape])
@@ -44,21 +50,12 @@ class Layer:
     bias: str | None
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
-
-
 def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[Layer]:
     """Linear / Conv1D layers that own a trainable parameter, in module order.
 
     The output head (``model.get_output_embeddings()``) is excluded unless ``include_head``; a head whose
     weight is tied to an embedding is always excluded (its per-example gradient has an embedding term).
     """
-    conv1d = _conv1d_type()
     names = {}
     for n, p in model.named_parameters():
         names.setdefault(id(p), n)
@@ -66,11 +63,8 @@ def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[La
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = []
     for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            kind = "linear"
-        elif conv1d is not None and isinstance(mod, conv1d):
-            kind = "conv1d"
-        else:
+        kind = module_kind(mod)  # the ghost scorer's classification: one rule for both uses of the capture
+        if kind not in ("linear", "conv1d"):
             continue
         if id(mod.weight) in emb_ids or (mod is head and not include_head):
             continue
@@ -105,36 +99,21 @@ def backward_per_example(model: torch.nn.Module, inputs: Batch, layers: Sequence
     Raises ConfigError if a featurised layer runs twice in one forward (its per-example gradient would
     arrive in parts, and the callback's preconditioning is nonlinear).
     """
-    calls: dict[int, int] = {}
-
-    def forward_hook(layer: Layer) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            calls[id(module)] = calls.get(id(module), 0) + 1
-            if calls[id(module)] > 1:
-                raise ConfigError(f"layer {layer.module_name!r} runs twice in one forward; per-example "
-                                  "gradient featurisation needs each layer used once (exclude it)")
-            if not output.requires_grad:
-                return
-            a = args[0].detach()
-
-            def on_grad(e: torch.Tensor) -> None:
-                for name, g in layer_grads(layer, a, e.detach()):
-                    callback(name, g)
-
-            output.register_hook(on_grad)
-
-        return hook
-
-    with frozen_with_leaf_embeddings(model) as leaves:
-        handles = [ly.module.register_forward_hook(forward_hook(ly)) for ly in layers]
-        try:
-            losses = per_example_loss(model, inputs)  # [B]
-            if leaves:
-                torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+    taps = [Tap(ly.module, _reporter(ly, callback), once=True, name=ly.module_name) for ly in layers]
+    with frozen_with_leaf_embeddings(model) as leaves, tapped(taps, int(inputs["input_ids"].shape[0])):
+        losses = per_example_loss(model, inputs)  # [B]
+        if leaves:
+            torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
     return losses.detach()
+
+
+def _reporter(layer: Layer, callback: GradCallback) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """Tap callback: (a, e) of ``layer`` -> callback(name, per-example gradient) for its weight and bias."""
+    def report(a: torch.Tensor, e: torch.Tensor) -> None:
+        for name, g in layer_grads(layer, a, e):
+            callback(name, g)
+
+    return report
 
 
 def per_example_grads_loop(model: torch.nn.Module, inputs: Batch, names: Sequence[str]) -> dict[str, torch.Tensor]:

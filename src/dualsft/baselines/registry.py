@@ -5,14 +5,17 @@ Every method gets the same budgets from the context (exactly b examples, exactly
     order="data_first"   less→sift: the subset first, then the parameter selector scored ON that subset
     order="param_first"  sift→less: the mask first, then the data selector restricted to the masked entries
     order="independent"  each axis scored on its own (sift on the whole pool, less unrestricted)
-The registries are plain dicts of functions; ``register_data_selector`` / ``register_param_selector`` add
-methods (the lead registers "dualsft" from the scoring outputs).
+The registries are plain dicts of functions. DualSFT is one of the methods: its data selector and mask
+selector read a run's saved scores (``ctx.dualsft``: RUN/scores, φ_data and φ_param) and rank them as
+`dualsft select` does (docs/method.md §5 step 4); a mask or subset handed over by a hybrid order does not
+change those scores, so it is ignored, as by random, loss and magnitude.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +27,8 @@ from dualsft.baselines.less import LessConfig, less_scores
 from dualsft.baselines.params import lora_rank_for_budget, magnitude_mask, random_mask, sift_mask
 from dualsft.errors import ConfigError
 from dualsft.scoring.stats import trainable_params
+from dualsft.selection.policy import MaskSpec, select_mask, select_subset
+from dualsft.selection.select import read_data_scores, read_safetensors
 
 Batch = dict[str, torch.Tensor]
 Order = Literal["independent", "data_first", "param_first"]
@@ -31,6 +36,18 @@ HYBRIDS: dict[str, tuple[str, str, Order]] = {
     "less→sift": ("less", "sift", "data_first"), "less->sift": ("less", "sift", "data_first"),
     "sift→less": ("less", "sift", "param_first"), "sift->less": ("less", "sift", "param_first"),
 }
+
+
+@dataclass(frozen=True)
+class DualSFTScores:
+    """What the "dualsft" selectors read: a run's scores folder (data_scores.jsonl, param_scores.safetensors)
+    and the mask policy they apply (`dualsft select`'s quotas, filters, units and mask sign)."""
+
+    folder: Path
+    mask: MaskSpec = field(default_factory=MaskSpec)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))  # a str path works too
 
 
 @dataclass
@@ -50,7 +67,7 @@ class BaselineContext:
     less: LessConfig = field(default_factory=LessConfig)
     quotas: tuple[float, float] = (0.0, 0.0)  # (layer, module) quotas for masks; 0 = global top-k like the originals
     progress: bool = False                               # tqdm bars over the long passes
-    extras: dict[str, Any] = field(default_factory=dict)  # for registered methods (e.g. dualsft scores)
+    dualsft: DualSFTScores | None = None                 # the saved scores the "dualsft" selectors rank
 
     @property
     def theta0(self) -> torch.nn.Module:
@@ -133,6 +150,21 @@ def _data_less(ctx: BaselineContext, mask: dict[str, torch.Tensor] | None) -> Da
     return DataResult(subset, {i: by_index[i] for i in subset}, cost.stop())
 
 
+def _scores(ctx: BaselineContext) -> DualSFTScores:
+    if ctx.dualsft is None:
+        raise ConfigError("the dualsft method ranks a run's saved scores: build the context with "
+                          "dualsft=DualSFTScores(RUN/scores) after `dualsft score`")
+    return ctx.dualsft
+
+
+def _data_dualsft(ctx: BaselineContext, mask: dict[str, torch.Tensor] | None) -> DataResult:
+    scores = _scores(ctx)
+    cost = Cost().start()
+    indices, phi = read_data_scores(scores.folder / "data_scores.jsonl")
+    chosen = select_subset(phi, ctx.b).positions.tolist()  # signed φ_data, pool order
+    return DataResult([indices[p] for p in chosen], {indices[p]: float(phi[p]) for p in chosen}, cost.stop())
+
+
 def _param_random(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
     cost = Cost().start()
     mask = random_mask(trainable_params(ctx.theta0), ctx.k, ctx.seed, ctx.quotas)
@@ -153,6 +185,14 @@ def _param_sift(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
     return ParamResult(mask, ctx.k, {"scored_on": scored_on, "checkpoint": "theta_w"}, cost.stop())
 
 
+def _param_dualsft(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
+    scores = _scores(ctx)
+    cost = Cost().start()
+    phi = read_safetensors(scores.folder / "param_scores.safetensors")
+    mask = select_mask(phi, scores.mask, consume=True, k=ctx.k)
+    return ParamResult(mask.indices, mask.n_selected, {"scores": str(scores.folder)}, cost.stop())
+
+
 def _param_full(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
     d = sum(p.numel() for p in trainable_params(ctx.theta0).values())
     return ParamResult(None, d, {"train": "--mask none"}, Cost())
@@ -165,20 +205,10 @@ def _param_lora(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
 
 
 DATA_SELECTORS: dict[str, DataSelector] = {
-    "random": _data_random, "loss": _data_loss, "all": _data_all, "less": _data_less}
+    "random": _data_random, "loss": _data_loss, "all": _data_all, "less": _data_less, "dualsft": _data_dualsft}
 PARAM_SELECTORS: dict[str, ParamSelector] = {
     "random": _param_random, "magnitude": _param_magnitude, "sift": _param_sift, "full": _param_full,
-    "lora": _param_lora}
-
-
-def register_data_selector(name: str, fn: DataSelector) -> None:
-    """Add (or replace) a data method: fn(ctx, mask or None) -> DataResult."""
-    DATA_SELECTORS[name] = fn
-
-
-def register_param_selector(name: str, fn: ParamSelector) -> None:
-    """Add (or replace) a parameter method: fn(ctx, subset or None) -> ParamResult."""
-    PARAM_SELECTORS[name] = fn
+    "lora": _param_lora, "dualsft": _param_dualsft}
 
 
 def subset_batches(batches: Sequence[Batch], subset: Sequence[int], batch_size: int | None = None) -> list[Batch]:

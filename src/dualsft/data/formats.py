@@ -27,7 +27,8 @@ from dualsft.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-Template = Literal["chat", "plain"]
+Template = Literal["chat", "plain", "release"]
+LossTokens = Literal["response", "answer"]
 SCHEMAS = ("messages", "instruction/response", "instruction/output", "prompt/completion", "question/answer")
 
 
@@ -157,9 +158,9 @@ class TokenizedExample:
 
 def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, str]:
     """Return (prompt_text, full_text) with full_text = prompt_text + response (+ end marker)."""
-    if template == "plain":
+    if template in ("plain", "release"):
         prompt = example.prompt_text + "\n"
-        eos = tokenizer.eos_token or ""
+        eos = tokenizer.eos_token or "" if template == "plain" else ""  # the release trains no end token
         return prompt, prompt + example.response + eos
     if template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
@@ -170,20 +171,36 @@ def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, s
         if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to concatenation
             full = prompt + example.response + (tokenizer.eos_token or "")
         return prompt, full
-    raise DataFormatError(f"unknown template {template!r}: use 'chat' or 'plain'")
+    raise DataFormatError(f"unknown template {template!r}: use 'chat', 'plain' or 'release'")
 
 
-def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int) -> TokenizedExample:
-    """Tokenise with labels on response tokens only, truncating (from the right) to max_length."""
+def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int,
+                     loss_tokens: LossTokens = "response") -> TokenizedExample:
+    """Tokenise with labels on response tokens only, truncating (from the right) to max_length.
+
+    ``loss_tokens="answer"`` also masks what the template appends AFTER the response text (the chat
+    template's end-of-turn token and newline, the plain template's EOS): the loss then covers the answer's
+    own tokens only (docs/method.md §5, scoring variant ``--score-tokens answer``).
+    The ``release`` template reproduces the authors' release: ``prompt + "\n" + response`` with no end token,
+    and the prompt masked by the length of its OWN tokenisation (not by the common prefix with the full
+    text); where a byte-level BPE splits the prompt's trailing whitespace differently inside the full text
+    (a prompt that ends in "\n" gives "...\n\n" + response), one prompt token is trained, as in the release.
+    """
     prompt, full = render(example, tokenizer, template)
     # Tokenise prompt and full text the same way; the prompt's tokens are a prefix of the full text's
     # for BPE tokenisers when the boundary is a newline/special token. We trust the prefix length.
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and template == "plain" and getattr(tokenizer, "add_bos_token", False):
-        p_ids, f_ids = [tokenizer.bos_token_id] + p_ids, [tokenizer.bos_token_id] + f_ids
-    n_prompt = _common_prefix(p_ids, f_ids)
+    add_bos = tokenizer.bos_token_id is not None and template != "chat" and getattr(tokenizer, "add_bos_token", False)
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    p_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    f_ids = bos + tokenizer(full, add_special_tokens=False)["input_ids"]
+    n_prompt = len(p_ids) if template == "release" else _common_prefix(p_ids, f_ids)
     labels = [IGNORE_INDEX] * n_prompt + f_ids[n_prompt:]
+    if loss_tokens == "answer":  # cut the labels where prompt + response (without the end marker) stops
+        text_ids = bos + tokenizer(prompt + example.response, add_special_tokens=False)["input_ids"]
+        end = max(n_prompt, _common_prefix(text_ids, f_ids))
+        labels = labels[:end] + [IGNORE_INDEX] * (len(labels) - end)
+    elif loss_tokens != "response":
+        raise DataFormatError(f"unknown loss tokens {loss_tokens!r}: use 'response' or 'answer'")
     truncated = len(f_ids) > max_length
     return TokenizedExample(example.index, f_ids[:max_length], labels[:max_length], truncated)
 
@@ -204,14 +221,16 @@ def tokenize_examples(
     max_length: int = 512,
     drop_empty: bool = False,
     source: str = "data",
+    loss_tokens: LossTokens = "response",
 ) -> list[TokenizedExample]:
     """Tokenise a list; report truncation; reject (or drop, if ``drop_empty``) examples without response tokens.
+    ``loss_tokens`` chooses which response tokens carry loss (see ``tokenize_example``).
 
     Raises EmptyResponseError listing the stable indices of examples with no response token.
     """
     if max_length < 2:
         raise DataFormatError(f"--max-length must be at least 2, got {max_length}")
-    toks = [tokenize_example(e, tokenizer, template, max_length) for e in examples]
+    toks = [tokenize_example(e, tokenizer, template, max_length, loss_tokens) for e in examples]
     n_trunc = sum(t.truncated for t in toks)
     if n_trunc:
         log.info("%s: %d of %d examples truncated to %d tokens", source, n_trunc, len(toks), max_length)

@@ -1,4 +1,4 @@
-"""`dualsft compare`: the paper's comparison (METHOD.md §6) rerunnable by anyone, at matched budgets.
+"""`dualsft compare`: the paper's comparison (docs/method.md §6) rerunnable by anyone, at matched budgets.
 
 For one model / data / budget setting it runs, for every method and seed: selection -> restricted
 training -> evaluation, and writes RUN/<out>/ (default RUN/compare/):
@@ -7,10 +7,14 @@ training -> evaluation, and writes RUN/<out>/ (default RUN/compare/):
     tradeoff.png      stability (forgetting) vs plasticity (target accuracy), error bars over seeds
     scores.png        distribution of φ_data with the subsets of DualSFT, LESS and random marked
     <method>/seed<s>/{selection,train,eval}/   every intermediate artifact, resumable
-The warm-up and the DualSFT scores are computed once (shared; their cost is reported once per method
-that uses them). Methods (``--methods``, comma separated):
+    <method>/seed<s>/selection_cost.json      the selection's cost record (written last: the resume mark)
+The options are `dualsft run`'s (the stage sections) plus the methods and seeds. The warm-up and the
+DualSFT scores are computed once (shared; their cost is reported once per method that uses them). A
+method is a data selector and a parameter selector of dualsft.baselines.registry ("dualsft" among them:
+RUN/scores ranked as `dualsft select` ranks them); dualsft and dualsft-joint run the `dualsft select`
+stage itself. Methods (``--methods``, comma separated):
     dualsft          DualSFT data + DualSFT mask, selected independently (the release's way)
-    dualsft-joint    DualSFT with --joint-rounds (default 1) of true joint refinement (METHOD.md §7)
+    dualsft-joint    DualSFT with --select.joint-rounds (default 1) of true joint refinement (docs/method.md §7)
     dualsft-data     DualSFT subset, all parameters (single-axis)
     dualsft-param    all data, DualSFT mask (single-axis)
     less->sift       LESS-style subset, then a SIFT mask scored on that subset (sequential hybrid)
@@ -30,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualsft.config import opt
+from dualsft.config import opt, section
 from dualsft.errors import ConfigError
-from dualsft.io import read_json, read_jsonl, write_json, write_jsonl
-from dualsft.pipeline import RunConfig, data_build_config, data_files, refuse_multiprocess, run_stage, stage_config
+from dualsft.io import read_json, read_jsonl, write_json
 from dualsft.report import get, histogram_plot, markdown_table, scatter_plot
+from dualsft.selection.select import SelectConfig
+from dualsft.stages import SELECT_WIRING, RunConfig, data_files, refuse_multiprocess, run_stage, stage_config
 
 HELP = "compare DualSFT with matched-budget baselines and sequential hybrids over seeds (table + plots)"
 log = logging.getLogger(__name__)
@@ -58,8 +63,10 @@ class CompareConfig(RunConfig):
     methods: str = opt(DEFAULT_METHODS, "comma list of methods (see `dualsft compare` module docs / README)")
     seeds: str = opt("0", "comma list of seeds (selection randomness, data order, LoRA init)")
     out: str = opt("compare", "output folder, relative to --run-dir")
-    compare_joint_rounds: int = opt(1, "refinement rounds of the dualsft-joint method")
     less_dim: int = opt(8192, "projection dimension of the LESS-style baseline")
+    select: SelectConfig = section(SelectConfig, "selection (`dualsft select`) of the DualSFT methods; joint_rounds "
+                                   "is dualsft-joint's (the others select independently)", **SELECT_WIRING,
+                                   joint_rounds=1)
 
 
 CONFIG = CompareConfig
@@ -73,7 +80,7 @@ def parse_method(name: str) -> tuple[str, str, str]:
         from dualsft.baselines.registry import DATA_SELECTORS, PARAM_SELECTORS
 
         data, param = name.split("+", 1)
-        data_ok, param_ok = sorted({*DATA_SELECTORS, "dualsft"}), sorted({*PARAM_SELECTORS, "dualsft"})
+        data_ok, param_ok = sorted(DATA_SELECTORS), sorted(PARAM_SELECTORS)
         if data not in data_ok or param not in param_ok:
             raise ConfigError(f"unknown method {name!r}: DATA+PARAM takes DATA in {data_ok} and PARAM in {param_ok}")
         return data, param, "independent"
@@ -114,14 +121,12 @@ def main(cfg: CompareConfig) -> int:
     files = data_files(cfg)
     timings: dict[str, float] = {}
     if not cfg.data_dir:
-        run_stage("data build", build.main, data_build_config(cfg, seed=0), timings)
+        run_stage("data build", build.main, stage_config(cfg.data, seed=0), timings)
     pool, val = str(files["pool"]), str(files["val"])
-    run_stage("warmup", warmup.main, stage_config(warmup.CONFIG, cfg, pool=pool, seed=0), timings)
+    run_stage("warmup", warmup.main, stage_config(cfg.warmup, pool=pool, seed=0), timings)
     needs_scores = any("dualsft" in (d, p) for d, p, _ in plan.values())
     if needs_scores:
-        run_stage("score", score.main, stage_config(
-            score.CONFIG, cfg, pool=pool, target=val, order=cfg.order, eta=cfg.eta, lambda_prior=cfg.lambda_prior,
-            batch_size=cfg.score_batch_size, method=cfg.score_method, seed=0), timings)
+        run_stage("score", score.main, stage_config(cfg.score, pool=pool, target=val, seed=0), timings)
     base_metrics = evaluate_base(cfg, out, files)
     ctx_cache: dict[int, Any] = {}
     results: dict[str, Any] = {}
@@ -153,8 +158,7 @@ def evaluate_base(cfg: CompareConfig, out: Path, files: dict[str, Path]) -> dict
 
     d = out / "base" / "eval"
     if not (d / "metrics.json").exists():
-        evaluate.main(stage_config(evaluate.CONFIG, cfg, data_dir=str(files["test"].parent), train_dir="none",
-                                   out=str(d), batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max_examples))
+        evaluate.main(stage_config(cfg.eval, data_dir=str(files["test"].parent), train_dir="none", out=str(d)))
     return read_json(d / "metrics.json")["models"]["model"]
 
 
@@ -169,71 +173,42 @@ def scoring_cost(run: Path) -> dict[str, Any]:
 
 def select_for(cfg: CompareConfig, name: str, data_m: str, param_m: str, order: str, seed: int, d: Path,
                files: dict[str, Path], ctx_cache: dict[int, Any]) -> tuple[Path, dict]:
-    """Write the method's selection into d/selection (resuming a finished one); returns (folder, cost)."""
-    sel = d / "selection"
-    if (sel / "summary.json").exists() and (sel / "subset.jsonl").exists():
-        return sel, read_json(sel / "summary.json").get("compare_cost", {})
-    if "dualsft" in (data_m, param_m):
-        return sel, select_dualsft(cfg, data_m, param_m, order, seed, sel, files, ctx_cache)
-    return sel, select_baseline_for(cfg, data_m, param_m, order, seed, sel, files, ctx_cache)
+    """Write the method's selection into d/selection and its cost into d/selection_cost.json (resuming a
+    finished one); returns (folder, cost)."""
+    sel, cost_file = d / "selection", d / "selection_cost.json"
+    if cost_file.exists() and (sel / "subset.jsonl").exists():
+        return sel, read_json(cost_file)
+    if (data_m, param_m) == ("dualsft", "dualsft"):
+        cost = select_dualsft(cfg, order, sel)
+    else:
+        cost = select_baseline_for(cfg, data_m, param_m, order, seed, sel, files, ctx_cache)
+    write_json(cost_file, cost)
+    return sel, cost
 
 
-def select_dualsft(cfg: CompareConfig, data_m: str, param_m: str, order: str, seed: int, sel: Path,
-                   files: dict[str, Path], cache: dict[int, Any]) -> dict:
-    """DualSFT (and its single-axis variants) through the real `dualsft select` stage."""
+def select_dualsft(cfg: CompareConfig, order: str, sel: Path) -> dict:
+    """DualSFT on both axes through the real `dualsft select` stage (with joint refinement for dualsft-joint)."""
     from dualsft.selection import select
 
-    rounds = cfg.compare_joint_rounds if order == "joint" else 0
+    rounds = cfg.select.joint_rounds if order == "joint" else 0
     t0 = time.time()
-    select.main(select.CONFIG(run_dir=cfg.run_dir, out=str(sel.resolve()), data_budget=cfg.data_budget,
-                              param_budget=cfg.param_budget, joint_rounds=rounds, device=cfg.device,
-                              overwrite=True, plot=False))
+    select.main(stage_config(cfg.select, out=str(sel.resolve()), joint_rounds=rounds, overwrite=True, plot=False))
     cost = scoring_cost(Path(cfg.run_dir))
     cost["wall_s"] += time.time() - t0
     cost["note"] = "shared DualSFT scoring passes + this selection" + (f" with {rounds} joint round(s)" if rounds else "")
-    summary = read_json(sel / "summary.json")
-    cost["examples_processed"] += sum((summary.get("surrogate") or {}).get("passes", {}).values())
-    if data_m != "dualsft" or param_m != "dualsft":  # single-axis variants and DualSFT paired with a baseline
-        other, summary["info"] = replace_axis(cfg, data_m, param_m, seed, sel, files, cache)
-        cost["wall_s"] += other["wall_s"]
-        cost["examples_processed"] += other["examples_processed"]
-        summary["replaced_axis"] = other
-    summary["compare_cost"] = cost
-    write_json(sel / "summary.json", summary)
+    surrogate = read_json(sel / "summary.json").get("surrogate") or {}
+    cost["examples_processed"] += sum(surrogate.get("passes", {}).values())
     return cost
-
-
-def replace_axis(cfg: CompareConfig, data_m: str, param_m: str, seed: int, sel: Path, files: dict[str, Path],
-                 cache: dict[int, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Overwrite the non-DualSFT axis of a DualSFT selection in ``sel`` with that axis's baseline (no mask for
-    full / LoRA, the whole pool for all), chosen independently at the same budget. Returns (the axis's cost
-    record, the parameter method's info for the summary, e.g. the LoRA rank)."""
-    from dualsft.baselines.cost import combine
-    from dualsft.baselines.registry import DATA_SELECTORS, PARAM_SELECTORS
-    from dualsft.baselines.writer import chosen_rows, write_mask
-    from dualsft.scoring.stats import trainable_params
-
-    ctx, pool = baseline_context(cfg, files, seed, cache)
-    stages, info = [], {}
-    if data_m != "dualsft":
-        d = DATA_SELECTORS[data_m](ctx, None)
-        write_jsonl(sel / "subset.jsonl", chosen_rows(d.subset, d.scores, pool))
-        stages.append((f"data:{data_m}", d.cost))
-    if param_m != "dualsft":
-        p = PARAM_SELECTORS[param_m](ctx, None)
-        write_mask(sel, p.mask, {n: tuple(t.shape) for n, t in trainable_params(ctx.theta0).items()})
-        stages.append((f"param:{param_m}", p.cost))
-        info = p.info
-    return combine(stages).as_dict(), info
 
 
 def baseline_context(cfg: CompareConfig, files: dict[str, Path], seed: int, cache: dict[int, Any]) -> Any:
     """The BaselineContext (θw, θ0, pool/target batches, c) built once and re-seeded per seed."""
     from dualsft.baselines.less import LessConfig
-    from dualsft.baselines.registry import make_context
+    from dualsft.baselines.registry import DualSFTScores, make_context
     from dualsft.data.formats import batches, load_examples, tokenize_examples
     from dualsft.io import load_tensors
     from dualsft.models import load_model, load_tokenizer
+    from dualsft.selection.select import mask_spec
 
     if "base" not in cache:
         run = Path(cfg.run_dir)
@@ -245,13 +220,14 @@ def baseline_context(cfg: CompareConfig, files: dict[str, Path], seed: int, cach
         pool_ex = load_examples(files["pool"])
         pool_t = tokenize_examples(pool_ex, tok, cfg.template, cfg.max_length, cfg.drop_empty, "pool")
         val_t = tokenize_examples(load_examples(files["val"]), tok, cfg.template, cfg.max_length, cfg.drop_empty, "val")
-        cache["base"] = dict(model=model, pool_batches=batches(pool_t, cfg.score_batch_size, tok.pad_token_id),
-                             target_batches=batches(val_t, cfg.score_batch_size, tok.pad_token_id), base_model=base,
+        cache["base"] = dict(model=model, pool_batches=batches(pool_t, cfg.score.batch_size, tok.pad_token_id),
+                             target_batches=batches(val_t, cfg.score.batch_size, tok.pad_token_id), base_model=base,
                              curvature=load_tensors(curv) if curv.exists() else None, pool=pool_ex)
     c = cache["base"]
-    return make_context(c["model"], c["pool_batches"], cfg.data_budget, cfg.param_budget,
+    scores = DualSFTScores(Path(cfg.run_dir) / "scores", mask_spec(cfg.select))
+    return make_context(c["model"], c["pool_batches"], cfg.select.data_budget, cfg.select.param_budget,
                         target_batches=c["target_batches"], base_model=c["base_model"], curvature=c["curvature"],
-                        seed=seed, less=LessConfig(dim=cfg.less_dim), progress=True), c["pool"]
+                        seed=seed, less=LessConfig(dim=cfg.less_dim), progress=True, dualsft=scores), c["pool"]
 
 
 def select_baseline_for(cfg: CompareConfig, data_m: str, param_m: str, order: str, seed: int, sel: Path,
@@ -259,13 +235,17 @@ def select_baseline_for(cfg: CompareConfig, data_m: str, param_m: str, order: st
     from dualsft.baselines.registry import select_baseline
     from dualsft.baselines.writer import write_selection
 
+    """Any other pair through the registry; a DualSFT axis adds the shared scoring passes to the cost."""
     ctx, pool = baseline_context(cfg, files, seed, cache)
     selection = select_baseline(data_m, param_m, ctx, order)  # type: ignore[arg-type]
     write_selection(sel, selection, pool)
-    summary = read_json(sel / "summary.json")
-    summary["compare_cost"] = selection.cost
-    write_json(sel / "summary.json", summary)
-    return selection.cost
+    cost = dict(selection.cost)
+    if "dualsft" in (data_m, param_m):
+        shared = scoring_cost(Path(cfg.run_dir))
+        cost.update(wall_s=cost["wall_s"] + shared["wall_s"],
+                    examples_processed=cost["examples_processed"] + shared["examples_processed"],
+                    note="shared DualSFT scoring passes + this selection", shared_scoring=shared)
+    return cost
 
 
 def train_for(cfg: CompareConfig, sel: Path, data_m: str, param_m: str, seed: int, d: Path,
@@ -274,7 +254,7 @@ def train_for(cfg: CompareConfig, sel: Path, data_m: str, param_m: str, seed: in
 
     out = d / "train"
     mask = sel / "mask.safetensors"
-    method, extra = cfg.train_method, {}
+    method, extra = cfg.train.method, {}
     if param_m == "lora":
         info = read_json(sel / "summary.json").get("info", {})
         r = int(info.get("lora_rank", 16))
@@ -283,10 +263,8 @@ def train_for(cfg: CompareConfig, sel: Path, data_m: str, param_m: str, seed: in
         method = "full"
     if not (out / "delta.safetensors").exists() and not (out / "adapter" / "adapter_config.json").exists():
         options = dict(train_file=str(sel / "subset.jsonl"), mask=str(mask) if mask.exists() else "none",
-                       method=method, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                       micro_batch_size=cfg.micro_batch_size, out=str(out), seed=seed, overwrite=True)
-        run_stage(f"train {d.parent.name}/{d.name}", train.main,
-                  stage_config(train.CONFIG, cfg, **{**options, **extra}), {})
+                       method=method, out=str(out), seed=seed, overwrite=True)
+        run_stage(f"train {d.parent.name}/{d.name}", train.main, stage_config(cfg.train, **{**options, **extra}), {})
     info = read_json(out / "adapter.json") if (out / "adapter.json").exists() else {}
     metrics = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     return out, {"method": method, "trainable": get(info, "result", "trainable_entries"),
@@ -299,8 +277,8 @@ def evaluate_for(cfg: CompareConfig, train_dir: Path, d: Path, files: dict[str, 
     out = d / "eval"
     if not (out / "metrics.json").exists():
         run_stage(f"eval {d.parent.name}/{d.name}", evaluate.main, stage_config(
-            evaluate.CONFIG, cfg, data_dir=str(files["test"].parent), train_dir=str(train_dir), out=str(out),
-            eval_base=False, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max_examples, overwrite=True), {})
+            cfg.eval, data_dir=str(files["test"].parent), train_dir=str(train_dir), out=str(out), eval_base=False,
+            overwrite=True), {})
     return read_json(out / "metrics.json")["models"]["tuned"]
 
 
@@ -351,7 +329,7 @@ def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, 
     seeds = parse_seeds(cfg.seeds)
     sizes = ", ".join(f"{c.split()[0]} n={get(base, *METRICS[c][:-1], 'n')}" for c in ("target loss", "stability loss",
                                                                                        "general loss"))
-    text = (f"Budgets: data {cfg.data_budget}, params {cfg.param_budget}; seeds {seeds}; mean ± std over seeds; "
+    text = (f"Budgets: data {cfg.select.data_budget}, params {cfg.select.param_budget}; seeds {seeds}; mean ± std over seeds; "
             f"examples per seed: {sizes}. selection examples = examples pushed through a model while selecting "
             f"(DualSFT: its shared scoring passes; every gradient-based method also reuses the warm-up).\n\n"
             + markdown_table(header, rows))

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dualsft.config import CommonConfig, opt
+from dualsft.config import CommonConfig, opt, require
 from dualsft.data.formats import Example, TokenizedExample, collate, load_examples, tokenize_examples
 from dualsft.data.tasks import extract_answer, score_answer
 from dualsft.errors import ArtifactError, ConfigError
@@ -77,6 +77,12 @@ class EvalConfig(CommonConfig):
     humaneval: bool = opt(False, "also HumanEval pass@1 on the stability set's HumanEval records (run in a subprocess)")
     humaneval_max_new_tokens: int = opt(128, "generation budget for a HumanEval completion")
     humaneval_timeout: float = opt(5.0, "seconds before a HumanEval program is killed (counted as failed)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
+        require(self.max_examples >= 0, "max-examples", self.max_examples, "use 0 (all) or a cap")
+        require(self.humaneval_timeout > 0, "humaneval-timeout", self.humaneval_timeout, "must be positive")
 
 
 CONFIG = EvalConfig

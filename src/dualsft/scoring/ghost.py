@@ -1,8 +1,9 @@
-"""Ghost inner products: ⟨u, g_n⟩ for every example n inside ONE batched backward (METHOD.md §4).
+"""Ghost inner products: ⟨u, g_n⟩ for every example n inside ONE batched backward (docs/method.md §4).
 
-For each module that owns trainable parameters, a forward hook keeps the module input a and hooks the
-output tensor; when the backward reaches it, the hook receives e = ∂(Σ_n l_n)/∂output, whose rows for
-example n are exactly ∂l_n/∂output (examples do not interact in eval mode). The per-example inner product
+The per-layer capture ``tapped`` (shared with the LESS baseline's per-example gradients, baselines/pergrad.py):
+for each tapped module a forward hook keeps the module input a and hooks the output tensor; when the
+backward reaches it, the tap receives e = ∂(Σ_n l_n)/∂output, whose rows for example n are exactly
+∂l_n/∂output (examples do not interact in eval mode). The per-example inner product
 with the direction U (u restricted to that parameter) is then, summed over tokens t:
 
     Linear  (o = a Wᵀ + b, W [out, in]):   Σ_t e_tᵀ U a_t  +  Σ_t e_t·u_b
@@ -23,8 +24,9 @@ the second-order row pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +56,56 @@ def module_kind(module: torch.nn.Module) -> str:
     if own and set(own) <= {"weight", "bias"} and all(p.dim() == 1 for p in own.values()) and "weight" in own:
         return "affine_norm"
     return "other"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One module whose (input a, output gradient e) the backward hands to ``on_grad(a, e)``.
+
+    ``prepare(a, y)`` (optional) maps the input and the detached output to what ``on_grad`` receives as a,
+    at forward time; ``once`` refuses a module that runs twice in one forward (``name`` says which)."""
+
+    module: torch.nn.Module
+    on_grad: Callable[[torch.Tensor, torch.Tensor], None]
+    prepare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    once: bool = False
+    name: str = ""
+
+
+@contextmanager
+def tapped(taps: Sequence[Tap], batch_size: int) -> Iterator[None]:
+    """Install the capture hooks of ``taps`` for one forward + backward of a batch of ``batch_size``.
+
+    a: module input [B, ..., in] (detached); e: ∂(Σ_n l_n)/∂output [B, ..., out]. An output shared across
+    the batch ([1, ...], GPT-2's position embedding of [1, T] position ids) is expanded to B copies first:
+    broadcasting would otherwise SUM the examples' gradients."""
+    calls: dict[int, int] = {}
+
+    def hook_for(tap: Tap) -> Callable:
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            calls[id(module)] = calls.get(id(module), 0) + 1
+            if tap.once and calls[id(module)] > 1:
+                raise ConfigError(f"layer {tap.name!r} runs twice in one forward; per-example gradient "
+                                  "featurisation needs each layer used once (exclude it)")
+            if not output.requires_grad:  # nothing upstream needs a gradient: no per-example term either
+                return None
+            a, ret = inputs[0].detach(), None
+            if output.shape[0] == 1 < batch_size:
+                ret = output = output.expand(batch_size, *output.shape[1:])
+                a = a.expand(batch_size, *a.shape[1:])
+            if tap.prepare is not None:
+                a = tap.prepare(a, output.detach())
+            output.register_hook(lambda e: tap.on_grad(a, e.detach()))
+            return ret
+
+        return hook
+
+    handles = [tap.module.register_forward_hook(hook_for(tap)) for tap in taps]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class GhostScorer:
@@ -99,33 +151,23 @@ class GhostScorer:
     @contextmanager
     def installed(self, model: torch.nn.Module) -> Any:
         """Install the hooks (and, for ``weight_grads=False``, freeze the parameters) for one pass."""
+        assert self.scores is not None, "call reset(batch_size, device) first"
         with contextlib.ExitStack() as stack:
             if not self.weight_grads:
                 # registered first: a forward hook's returned output is what the later hooks see
                 stack.enter_context(frozen_with_leaf_embeddings(model))
-            handles = [mod.register_forward_hook(self._forward_hook(kind)) for _, mod, kind in self.modules]
-            try:
-                yield self
-            finally:
-                for h in handles:
-                    h.remove()
+            stack.enter_context(tapped([self._tap(mod, kind) for _, mod, kind in self.modules], self.scores.shape[0]))
+            yield self
 
-    def _forward_hook(self, kind: str) -> Any:
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not output.requires_grad:  # nothing upstream needs a gradient: no per-example term either
-                return None
-            x, ret = inputs[0].detach(), None
-            if self.scores is not None and output.shape[0] == 1 < self.scores.shape[0]:
-                # shared across the batch (GPT-2's position embedding of [1, T] position ids): broadcasting
-                # would SUM the examples' gradients, so give each example its own copy of the output
-                ret = output = output.expand(self.scores.shape[0], *output.shape[1:])
-                x = x.expand(self.scores.shape[0], *x.shape[1:])
-            if kind == "affine_norm":
-                x = _normalised(module, x, output.detach(), self._verified)
-            output.register_hook(lambda e: self._accumulate(module, kind, x, e))
-            return ret
+    def _tap(self, module: torch.nn.Module, kind: str) -> Tap:
+        """The capture of one module: x̂ instead of x for a norm, then ⟨U, g_n(module)⟩ per example."""
+        def on_grad(x: torch.Tensor, e: torch.Tensor) -> None:
+            self._accumulate(module, kind, x, e)
 
-        return hook
+        def normalise(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return _normalised(module, x, y, self._verified)
+
+        return Tap(module, on_grad, normalise if kind == "affine_norm" else None)
 
     def _accumulate(self, mod: torch.nn.Module, kind: str, x: torch.Tensor, e: torch.Tensor) -> None:
         """Add ⟨U, g_n(module)⟩ for every example n of the batch to self.scores."""

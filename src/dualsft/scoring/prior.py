@@ -1,4 +1,4 @@
-"""The stability term v_prior = ∇L_prior(θ) (METHOD.md §3): KL to the base model θ0 on the anchor set A.
+"""The stability term v_prior = ∇L_prior(θ) (docs/method.md §3): KL to the base model θ0 on the anchor set A.
 
     L_prior(θ) = τ² · Σ_{i∈A} w_i KL_i(θ) / Z,    Z = Σ_i w_i  ("weighted_mean", default)
                                                   Z = max(Σ_i w_i, 1)  ("release": the authors' code)
@@ -21,10 +21,13 @@ import torch.nn.functional as F
 
 from dualsft.errors import ConfigError
 from dualsft.losses import IGNORE_INDEX
-from dualsft.scoring.progress import PassCheckpoint, prefixed, remaining, restore
+from dualsft.scoring.passes import BatchOut, Step, run_pass
+from dualsft.scoring.progress import PassCheckpoint
+from dualsft.scoring.stats import zeros_like_params
 
 CONFIDENCE_MODES = ("max_prob", "uniform", "entropy_inv")
 NORMALISATIONS = ("weighted_mean", "release")
+WEIGHT_SUM = "::weight_sum"  # the Σ_i w_i accumulator beside the per-parameter sums (no parameter has "::")
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -100,25 +103,23 @@ def normalise_prior(acc: dict[str, torch.Tensor], weight_sum: float, normalisati
     return {n: a / z for n, a in acc.items()}
 
 
-def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
-                       params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
-                       acc_dtype: torch.dtype = torch.float32,
-                       progress: object | None = None,
-                       checkpoint: PassCheckpoint | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """(τ² Σ_i w_i ∇KL_i per parameter, Σ_i w_i) over ``anchor_batches``, not yet divided by Z: sums over
-    shards of the anchor set add up (data parallelism), the normalisation must see the global Σw.
-    ``checkpoint`` (scoring/progress.py) resumes from / saves the partial sums every few batches."""
+def prior_accumulators(params: Mapping[str, torch.nn.Parameter], acc_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Zero sums of an anchor pass: τ² Σ_i w_i ∇KL_i per parameter (``acc_dtype``) and Σ_i w_i (float64)."""
+    device = next(iter(params.values())).device
+    return {**zeros_like_params(params, acc_dtype), WEIGHT_SUM: torch.zeros((), dtype=torch.float64, device=device)}
+
+
+def prior_step(model: torch.nn.Module, base_model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],
+               tau: float = 2.0, confidence: str = "max_prob") -> Step:
+    """The per-batch function of an anchor pass: one teacher forward (θ0, no grad) and one student
+    forward+backward (θw); adds τ² Σ_{i∈B} w_i ∇KL_i per parameter and Σ_{i∈B} w_i."""
     if tau <= 0:
         raise ConfigError(f"--tau must be positive, got {tau}")
     names, tensors = list(params), list(params.values())
     device = tensors[0].device
     teacher_device = next(base_model.parameters()).device
-    acc = {n: torch.zeros(p.shape, dtype=acc_dtype, device=p.device) for n, p in params.items()}
-    weight_sum = 0.0
-    start, saved = checkpoint.load() if checkpoint is not None else (0, {})
-    if saved:
-        acc, weight_sum = restore(saved, "acc.", acc), float(saved["weight_sum"])
-    for done, batch in remaining(anchor_batches, start, progress):
+
+    def step(batch: dict) -> BatchOut:
         ids, att, labels = (batch[k] for k in ("input_ids", "attention_mask", "labels"))
         with torch.no_grad():
             t_logits = base_model(input_ids=ids.to(teacher_device), attention_mask=att.to(teacher_device),
@@ -127,30 +128,26 @@ def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anch
         labels = labels.to(device)
         w = confidence_weights(t_logits, labels, tau, confidence)  # [B], a constant of θ
         kl = example_kl(s_logits, t_logits, labels, tau)  # [B]
-        objective = tau**2 * (w * kl).sum()
-        grads = torch.autograd.grad(objective, tensors, allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is not None:
-                acc[n] += g.to(acc_dtype)
-        weight_sum += float(w.sum())
-        if progress is not None:
-            progress.update(int(ids.shape[0]))
-        if checkpoint is not None:
-            checkpoint.after_batch(done, lambda ws=weight_sum: {**prefixed("acc.", acc),
-                                                            "weight_sum": torch.tensor(ws, dtype=torch.float64)})
-    return acc, weight_sum
+        grads = torch.autograd.grad(tau**2 * (w * kl).sum(), tensors, allow_unused=True)
+        sums = {n: g for n, g in zip(names, grads) if g is not None}
+        return BatchOut(int(ids.shape[0]), sums={**sums, WEIGHT_SUM: w.sum().double()})
+
+    return step
 
 
-def prior_objective(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
-                    tau: float = 2.0, confidence: str = "max_prob", normalisation: str = "weighted_mean") -> torch.Tensor:
-    """L_prior(θ) itself as a differentiable scalar over ALL anchor batches (slow twin used by tests)."""
-    total, weight_sum = 0.0, 0.0
-    for batch in anchor_batches:
-        with torch.no_grad():
-            t_logits = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).logits
-        s_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        w = confidence_weights(t_logits, batch["labels"], tau, confidence)
-        total = total + tau**2 * (w * example_kl(s_logits, t_logits, batch["labels"], tau)).sum()
-        weight_sum += float(w.sum())
-    return total / prior_normaliser(weight_sum, normalisation)
+def split_prior_sums(sums: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """(τ² Σ_i w_i ∇KL_i per parameter, Σ_i w_i) from an anchor pass's sums."""
+    return {n: t for n, t in sums.items() if n != WEIGHT_SUM}, float(sums[WEIGHT_SUM])
+
+
+def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
+                       params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
+                       acc_dtype: torch.dtype = torch.float32,
+                       progress: object | None = None,
+                       checkpoint: PassCheckpoint | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """(τ² Σ_i w_i ∇KL_i per parameter, Σ_i w_i) over ``anchor_batches``, not yet divided by Z: sums over
+    shards of the anchor set add up (data parallelism), the normalisation must see the global Σw.
+    ``checkpoint`` (scoring/progress.py) resumes from / saves the partial sums every few batches."""
+    res = run_pass(anchor_batches, prior_step(model, base_model, params, tau, confidence),
+                   prior_accumulators(params, acc_dtype), progress, checkpoint)
+    return split_prior_sums(res.sums)

@@ -1,4 +1,5 @@
-"""Progress checkpoints of the scoring passes, so `dualsft score` resumes after a kill (docs/errors.md, "Resume").
+"""Progress checkpoints of the scoring passes (scoring/passes.py), so `dualsft score` resumes after a kill
+(docs/errors.md, "Resume").
 
 A pass (target, anchor, pool, pool_G, pool_rows) that is given a ``PassCheckpoint`` saves its partial
 accumulators every ``every`` batches, and once more when it ends, to
@@ -15,7 +16,7 @@ the saved sums in the same order, so the result is bitwise that of an uninterrup
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +27,6 @@ from dualsft.io import load_tensors, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
 PROGRESS_DIR = "progress"
 
 
@@ -71,23 +71,3 @@ class PassCheckpoint:
         if self.every > 0 and (done % self.every == 0 or done == self.n_batches):
             self.save(done, state())
 
-
-def remaining(batches: Iterable[Batch], start: int, progress: object | None = None) -> Iterator[tuple[int, Batch]]:
-    """(batches done after this one, batch) for the batches after the first ``start``; the skipped ones
-    only advance the ``progress`` bar by their size."""
-    for i, batch in enumerate(batches):
-        if i < start:
-            if progress is not None:
-                progress.update(int(batch["input_ids"].shape[0]))  # type: ignore[attr-defined]
-            continue
-        yield i + 1, batch
-
-
-def restore(saved: dict[str, torch.Tensor], prefix: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The saved ``prefix + name`` tensors as accumulators on ``like``'s devices and dtypes (exact copies)."""
-    return {n: saved[prefix + n].to(device=t.device, dtype=t.dtype) for n, t in like.items()}
-
-
-def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` under ``prefix + name`` (several groups share one progress file)."""
-    return {prefix + n: t for n, t in tensors.items()}

@@ -1,10 +1,10 @@
-"""Row scores φ_data[n] = ⟨u, g_n⟩ for every pool example without forming any g_n (METHOD.md §4).
+"""Row scores φ_data[n] = ⟨u, g_n⟩ for every pool example without forming any g_n (docs/method.md §4).
 
-Public API (frozen):
     row_scores(model, batches, u, method="jvp") -> (scores [N] float64, losses [N] float64)
         in batch order (map to examples with each batch's "index"), on CPU.
     score_pool(model, batches, u, method, grad_sum=False, ...) -> (scores, losses, G or None)
         the first-order single pass: with ``grad_sum=True`` the same pass also returns G = Σ_n g_n.
+    row_step(model, u, method, grad_sum) -> the per-batch function of those passes (scoring/passes.py).
 
 Methods (all exact for every trainable parameter the model has):
 - "jvp": one batched forward-mode JVP of the per-example loss vector along the tangent u
@@ -32,11 +32,15 @@ from torch.func import functional_call
 from dualsft.errors import ConfigError
 from dualsft.losses import per_example_loss, per_example_loss_from_logits
 from dualsft.scoring.ghost import GhostScorer
-from dualsft.scoring.progress import PassCheckpoint, prefixed, remaining, restore
+from dualsft.scoring.passes import BatchOut, Step, run_pass
+from dualsft.scoring.progress import PassCheckpoint
 from dualsft.scoring.stats import check_finite, model_inputs, trainable_params, zeros_like_params
 
 METHODS = ("jvp", "ghost", "exact")
 Batch = dict[str, torch.Tensor]
+ParamDict = dict[str, torch.Tensor]
+# (scores [B], losses [B], gradient of Σ_B l_n per parameter or None) of one batch
+RowOut = tuple[torch.Tensor, torch.Tensor, ParamDict | None]
 
 
 def row_scores(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, torch.Tensor],
@@ -54,51 +58,48 @@ def row_scores(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, tor
 def score_pool(model: torch.nn.Module, batches: list[Batch], u: Mapping[str, torch.Tensor], method: str = "ghost",
                grad_sum: bool = False, acc_dtype: torch.dtype = torch.float32,
                progress: Any | None = None,
-               checkpoint: PassCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+               checkpoint: PassCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor, ParamDict | None]:
     """One pass over the pool: (φ_data [N], l [N], G or None). ``grad_sum=True`` also accumulates
     G = Σ_n g_n (in ``acc_dtype``) from the same backward: the first-order single pass.
     ``checkpoint`` (scoring/progress.py) resumes from the saved row chunks (and partial G), skipping the
     batches they cover, and saves them every few batches."""
+    step = row_step(model, u, method, grad_sum)
+    res = run_pass(batches, step, row_accumulators(model, grad_sum, acc_dtype), progress, checkpoint)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return res.rows.get("scores", empty), res.rows.get("losses", empty), res.sums if grad_sum else None
+
+
+def row_accumulators(model: torch.nn.Module, grad_sum: bool, acc_dtype: torch.dtype = torch.float32) -> ParamDict:
+    """The sums of a row pass: G's zeros (``grad_sum``: the first-order single pass), else none."""
+    return zeros_like_params(trainable_params(model), acc_dtype) if grad_sum else {}
+
+
+def row_step(model: torch.nn.Module, u: Mapping[str, torch.Tensor], method: str = "ghost",
+             grad_sum: bool = False) -> Step:
+    """The per-batch function of a row pass: rows "scores" = ⟨u, g_n⟩ and "losses" = l_n ([B] float64)
+    and, with ``grad_sum``, the batch's gradient sum added to G."""
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
     params = trainable_params(model)
     u = {n: t for n, t in u.items() if n in params}
-    G = zeros_like_params(params, acc_dtype) if grad_sum else None
-    step = {"jvp": _jvp_batch, "ghost": _ghost_batch, "exact": _exact_batch}[method]
-    ghost = GhostScorer(model, u, weight_grads=grad_sum) if method == "ghost" else None
-    all_scores, all_losses = [], []
-    start, saved = checkpoint.load() if checkpoint is not None else (0, {})
-    if saved:
-        all_scores, all_losses = [saved["scores"]], [saved["losses"]]
-        G = restore(saved, "G.", G) if G is not None else None
     device = next(iter(params.values())).device
-    for done, batch in remaining(batches, start, progress):
+    ghost = GhostScorer(model, u, weight_grads=grad_sum) if method == "ghost" else None
+    batch_fn = {"jvp": _jvp_batch, "ghost": _ghost_batch, "exact": _exact_batch}[method]
+
+    def step(batch: Batch) -> BatchOut:
         inputs = model_inputs(batch, device)
-        s, losses = step(model, inputs, params, u, G, ghost=ghost)
+        scores, losses, grads = batch_fn(model, inputs, params, u, grad_sum, ghost=ghost)
         check_finite(losses, batch)
-        all_scores.append(s.detach().double().cpu())
-        all_losses.append(losses.detach().double().cpu())
-        if progress is not None:
-            progress.update(int(inputs["input_ids"].shape[0]))
-        if checkpoint is not None:
-            checkpoint.after_batch(done, lambda: _row_state(all_scores, all_losses, G))
-    return torch.cat(all_scores), torch.cat(all_losses), G
+        rows = {"scores": scores.detach().double(), "losses": losses.detach().double()}
+        return BatchOut(int(inputs["input_ids"].shape[0]), sums=grads or {}, rows=rows)
+
+    return step
 
 
-def _row_state(scores: list[torch.Tensor], losses: list[torch.Tensor],
-               G: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """What a pool pass has so far, as one flat dict for its progress file."""
-    return {"scores": torch.cat(scores), "losses": torch.cat(losses), **prefixed("G.", G or {})}
-
-
-def _add_grads(G: dict[str, torch.Tensor] | None, params: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
-    """G += ∇ total (one backward; tied weights summed by autograd)."""
-    if G is None:
-        return
+def _grads(params: Mapping[str, torch.Tensor], total: torch.Tensor) -> ParamDict:
+    """∇ total per parameter (one backward; tied weights summed by autograd; unreached ones left out)."""
     grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-    for n, g in zip(params, grads):
-        if g is not None:
-            G[n] += g.to(G[n].dtype)
+    return {n: g for n, g in zip(params, grads) if g is not None}
 
 
 def _tangents(params: Mapping[str, torch.Tensor], u: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,12 +118,12 @@ def _math_sdpa() -> Any:
 
 
 def _jvp_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
-               u: Mapping[str, torch.Tensor], G: dict[str, torch.Tensor] | None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+               u: Mapping[str, torch.Tensor], grad_sum: bool, **_: Any) -> RowOut:
     """Directional derivative of the loss vector [B] along u = (⟨u, g_n⟩)_n, by forward-mode AD."""
     tangents = _tangents(params, u)
     kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
     with _math_sdpa():
-        if G is None:
+        if not grad_sum:
             primals = {n: p.detach() for n, p in params.items()}
 
             def losses_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,7 +131,7 @@ def _jvp_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch
 
             with torch.no_grad():
                 losses, scores = torch.func.jvp(losses_of, (primals,), (tangents,))
-            return scores, losses
+            return scores, losses, None
         # first order, one pass: dual numbers carry the tangent, and the primal graph gives G by backward
         with fwAD.dual_level():
             duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
@@ -138,30 +139,32 @@ def _jvp_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch
             primal, tangent = fwAD.unpack_dual(per_example_loss_from_logits(logits, inputs["labels"]))
             tangent = tangent.detach()
         # backward outside the dual level: backward kernels (silu_backward, ...) have no forward-AD rule
-        _add_grads(G, params, primal.sum())
-        return tangent, primal
+        return tangent, primal, _grads(params, primal.sum())
 
 
 def _ghost_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
-                 u: Mapping[str, torch.Tensor], G: dict[str, torch.Tensor] | None,
-                 ghost: GhostScorer | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                 u: Mapping[str, torch.Tensor], grad_sum: bool, ghost: GhostScorer | None = None,
+                 **_: Any) -> RowOut:
     """Per-example inner products accumulated by hooks inside one batched backward (ghost.py)."""
     assert ghost is not None
     ghost.reset(int(inputs["input_ids"].shape[0]), inputs["input_ids"].device)
+    grads = None
     with ghost.installed(model):
         losses = per_example_loss(model, inputs)
-        if G is not None:
-            _add_grads(G, params, losses.sum())
+        if grad_sum:
+            grads = _grads(params, losses.sum())
         else:
             losses.sum().backward()  # parameters are frozen here: activation gradients only
     assert ghost.scores is not None
-    return ghost.scores, losses
+    return ghost.scores, losses, grads
 
 
 def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
-                 u: Mapping[str, torch.Tensor], G: dict[str, torch.Tensor] | None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """THE ORACLE: each example alone (padding cut off), one backward each, ⟨u, g_n⟩ summed in float64."""
+                 u: Mapping[str, torch.Tensor], grad_sum: bool, **_: Any) -> RowOut:
+    """THE ORACLE: each example alone (padding cut off), one backward each, ⟨u, g_n⟩ summed in float64
+    (and, with ``grad_sum``, the examples' gradients summed in the parameters' dtype)."""
     scores, losses = [], []
+    G: ParamDict | None = {} if grad_sum else None
     for b in range(inputs["input_ids"].shape[0]):
         keep = inputs["attention_mask"][b].bool()  # real tokens are contiguous (left or right padding)
         one = {k: v[b : b + 1, keep] for k, v in inputs.items()}
@@ -174,7 +177,7 @@ def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, tor
             if n in u:
                 s = s + (u[n].to(g.device).double() * g.double()).sum()
             if G is not None:
-                G[n] += g.to(G[n].dtype)
+                G[n] = G[n] + g if n in G else g
         scores.append(s)
         losses.append(loss.detach())
-    return torch.stack(scores), torch.stack(losses)
+    return torch.stack(scores), torch.stack(losses), G

@@ -2,7 +2,7 @@
 
 Public API:
     select_mask(scores, MaskSpec(...)) -> MaskSelection      top-k of φ_param: quotas, filters, units
-    select_subset(data_scores, budget, sign) -> SubsetSelection   top-b of φ_data
+    select_subset(data_scores, budget) -> SubsetSelection         top-b of signed φ_data
     refine_jointly(...) -> JointResult                        alternating mask/subset refinement
     save_mask / load_mask / apply_mask_to_grads / shira_mask_fn   the saved mask and its uses
     locate(name) -> ParamLocation                             layer index and module group of a name

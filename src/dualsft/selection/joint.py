@@ -1,11 +1,12 @@
-"""True joint refinement of the mask m and the subset S (METHOD.md §7; not in the authors' release).
+"""True joint refinement of the mask m and the subset S (docs/method.md §7; not in the authors' release).
 
 Starting from the independent choice (m0 = top-k of φ_param, S0 = top-b of φ_data), each round does
     parameter step   G_S = Σ_{n∈S} g_n;  m ← top-k of t(S),
                      t_j(S) = η v_j G_Sj − ½ η² c_j G_Sj²   (order 2)   or   η v_j G_Sj   (order 1)
     data step        u(S) = η v − ½ η² c ⊙ G_S  (or η v);  S ← top-b of ⟨u(S) ⊙ m, g_n⟩ over the pool
-and records the surrogate I(m, S) = η vᵀ(m⊙G_S) − ½η² Σ_j m_j c_j G_Sj² (METHOD.md §3; c = 0 for order 1)
-after every half-step.
+and records the surrogate I(m, S) = η vᵀ(m⊙G_S) − ½η² Σ_j m_j c_j G_Sj² (docs/method.md §3; c = 0 for
+order 1) after every half-step. t(S), u(S) and I(m, S) are dualsft/method.py's ``subset_term``,
+``direction_u`` and ``surrogate_improvement``: t(S) is φ_param computed on the subset, t(S) = u(S) ⊙ G_S.
 
 Why the parameter step never lowers I: for a fixed S, I(m, S) = Σ_j m_j t_j(S) is a sum of independent
 per-entry terms, so over masks with exactly k eligible entries it is maximised by the k largest t_j.
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dualsft.method import direction_u, subset_term
 from dualsft.selection.mask import indices_to_dense
 from dualsft.selection.policy import MaskSelection, MaskSpec, select_mask, select_subset
 
@@ -37,31 +39,13 @@ log = logging.getLogger(__name__)
 ParamDict = dict[str, torch.Tensor]
 
 
-def mask_term(v: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor] | None, G_S: Mapping[str, torch.Tensor],
-              eta: float) -> ParamDict:
-    """t_j(S) = η v_j G_Sj − ½ η² c_j G_Sj² per entry, float64 (c None: first order, η v_j G_Sj).
-
-    Σ_j m_j t_j(S) = I(m, S) exactly, so top-k of t maximises I over masks of size k."""
-    out = {}
-    for n, g in G_S.items():
-        g64 = g.double()
-        t = eta * v[n].double() * g64
-        if c is not None and n in c:
-            t -= 0.5 * eta**2 * c[n].double() * g64 * g64
-        out[n] = t
-    return out
-
-
 def masked_u(v: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor] | None, G_S: Mapping[str, torch.Tensor],
              eta: float, indices: Mapping[str, torch.Tensor]) -> ParamDict:
-    """u(S) ⊙ m with u(S) = η v − ½ η² c ⊙ G_S (or η v when c is None); names outside the mask are absent."""
-    out = {}
-    for n, idx in indices.items():
-        u = eta * v[n].float()
-        if c is not None and n in c:
-            u = u - 0.5 * eta**2 * c[n].float() * G_S[n].float()
-        out[n] = u * indices_to_dense(idx, u.shape, u.device)
-    return out
+    """u(S) ⊙ m, float32, for the data step (u(S) of ``direction_u``, first order when c is None); names
+    outside the mask are absent."""
+    order = 1 if c is None else 2
+    u = direction_u({n: v[n] for n in indices}, eta, order, c, G_S, dtype=torch.float32)
+    return {n: t * indices_to_dense(indices[n], t.shape, t.device) for n, t in u.items()}
 
 
 def dense_masks(indices: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> ParamDict:
@@ -106,14 +90,14 @@ def refine_jointly(
     history = [{"round": 0, "step": "start", "I": best[0]}]
     for r in range(1, rounds + 1):
         prev = mask
-        mask = select_mask(mask_term(v, c, G_S, eta), spec, consume=True, k=mask0.k)
+        mask = select_mask(subset_term(v, c, G_S, eta), spec, consume=True, k=mask0.k)
         I_m = surrogate(v, G_S, dense_masks(mask.indices, mask.shapes))
         history.append({"round": r, "step": "param", "I": I_m, "mask_entries_changed": _changed(mask, prev)})
         if I_m > best[0]:
             best = (I_m, mask, pos, sc)
         phi = row_scores(masked_u(v, c, G_S, eta, mask.indices))
         passes["row_score_examples"] += len(phi)
-        new_pos = select_subset(phi, b, spec.sign).positions
+        new_pos = select_subset(phi, b).positions  # examples: always signed
         changed = len(set(new_pos.tolist()) - set(pos.tolist()))
         pos, sc = new_pos, phi[new_pos]
         G_S = grad_sum(pos)

@@ -1,5 +1,5 @@
 """Selection policies: the parameter mask m (top-k of φ_param with quotas, filters and structured units)
-and the data subset S (top-b of φ_data). METHOD.md §5 step 4.
+and the data subset S (top-b of signed φ_data). docs/method.md §5 step 4.
 
 Mask stages, in this order, each taking only what earlier stages left (no entry is counted twice):
     1. layer quota   floor(quota_layer * k) // L entries per transformer layer (L layers with eligible
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """How to turn φ_param into a mask (the CLI's --param-budget, --sign, --quota-*, filters, units)."""
+    """How to turn φ_param into a mask (the CLI's --param-budget, --mask-sign, --quota-*, filters, units)."""
 
     budget: float = 0.1
     sign: str = "signed"
@@ -142,7 +142,7 @@ def check_mask_request(shapes: Mapping[str, tuple[int, ...]], spec: MaskSpec, k:
     bad request deserves: quotas, sign, granularity, budget, filters."""
     check_quotas(spec.quota_layer, spec.quota_module)
     if spec.sign not in ("signed", "abs"):
-        raise SelectionError(f"--sign {spec.sign!r}: use signed or abs")
+        raise SelectionError(f"--mask-sign {spec.sign!r}: use signed or abs")
     parse_granularity(spec.granularity)
     numel = {n: math.prod(s) for n, s in shapes.items()}
     d = sum(numel.values())
@@ -212,17 +212,15 @@ class SubsetSelection:
     threshold: float | None
 
 
-def select_subset(data_scores: torch.Tensor, budget: float | int, sign: str = "signed") -> SubsetSelection:
-    """S = top-b of φ_data [N] (signed, or |φ_data|), ties to the earlier pool position.
+def select_subset(data_scores: torch.Tensor, budget: float | int) -> SubsetSelection:
+    """S = top-b of SIGNED φ_data [N], ties to the earlier pool position (docs/method.md §5 step 4).
 
-    ``budget``: a float is resolved by resolve_budget (fraction or count); an int is an exact count b."""
-    if sign not in ("signed", "abs"):
-        raise SelectionError(f"--sign {sign!r}: use signed or abs")
+    Examples are always ranked by signed φ_data: a negative score predicts harm, however large (only the
+    mask has a |φ| option). ``budget``: a float is resolved by resolve_budget (fraction or count); an int is
+    an exact count b."""
     N = int(data_scores.numel())
     b = budget if isinstance(budget, int) else resolve_budget(budget, N, "--data-budget", "pool examples")
     check_finite_scores({"data_scores": data_scores}, "φ_data")
     work = data_scores.double().clone()
-    if sign == "abs":
-        work.abs_()
     res = take_top_([work], b)
     return SubsetSelection(torch.nonzero(torch.isneginf(work)).flatten(), b, N, res.threshold)

@@ -1,4 +1,4 @@
-"""`dualsft select`: saved scores -> data subset S and parameter mask m (METHOD.md §5 step 4, §7).
+"""`dualsft select`: saved scores -> data subset S and parameter mask m (docs/method.md §5 step 4, §7).
 
 Reads RUN/scores/ (param_scores.safetensors, data_scores.jsonl, metadata.json; for joint refinement also
 v.safetensors and RUN/warmup/exp_avg_sq.safetensors) and writes RUN/<--out> (default RUN/selection/):
@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from dualsft.config import opt
-from dualsft.errors import ArtifactError, ConfigError, MetadataMismatchError
+from dualsft.config import opt, require
+from dualsft.errors import ArtifactError, MetadataMismatchError
 from dualsft.io import iter_jsonl, load_tensors, write_json, write_jsonl
 from dualsft.runs import build_metadata, file_fingerprint, prepare_stage_dir, require_stage
 from dualsft.selection.mask import save_mask
@@ -45,7 +45,9 @@ class SelectConfig:
                    "e.g. selection-b0.05-k0.01 keeps several budgets side by side")
     data_budget: float = opt(0.1, "examples to keep: a fraction of the pool in (0, 1] or a count > 1")
     param_budget: float = opt(0.1, "entries to train: a fraction in (0, 1] of ALL trainable entries, or a count > 1")
-    sign: Literal["signed", "abs"] = opt("signed", "rank by signed scores (predicted gain) or by |score|")
+    mask_sign: Literal["signed", "abs"] = opt("signed", "rank parameter entries by signed φ_param (predicted gain) "
+                                              "or by |φ_param|; examples are always ranked by signed φ_data")
+    sign: Literal["signed", "abs"] | None = opt(None, "deprecated alias of --mask-sign", deprecated=True)
     quota_layer: float = opt(0.2, "share of k spread evenly over transformer layers")
     quota_module: float = opt(0.2, "share of k spread evenly over module groups (q k v qkv o gate up down other)")
     include: str | None = opt(None, "regex: only parameter names matching it may be selected")
@@ -61,13 +63,24 @@ class SelectConfig:
     plot: bool = opt(True, "write mask_density.png")
     overwrite: bool = opt(False, "replace an existing output folder made with other settings")
 
+    def __post_init__(self) -> None:
+        require(self.mask_sign in ("signed", "abs"), "mask-sign", self.mask_sign, "use signed or abs")
+        require(self.joint_rounds >= 0, "joint-rounds", self.joint_rounds, "use 0 (independent selection) or more")
+        require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
+        if self.sign is not None:  # the deprecated --sign: resolved into mask_sign, so both spell one config
+            log.warning("--sign is deprecated: use --mask-sign (it ranks the mask only; examples are always ranked "
+                        "by signed φ_data)")
+            require(self.sign in ("signed", "abs"), "sign", self.sign, "use signed or abs")
+            object.__setattr__(self, "mask_sign", self.sign)
+            object.__setattr__(self, "sign", None)
+
 
 CONFIG = SelectConfig
 
 
 def mask_spec(cfg: SelectConfig) -> MaskSpec:
     """The mask policy part of the config."""
-    return MaskSpec(cfg.param_budget, cfg.sign, cfg.quota_layer, cfg.quota_module, cfg.include, cfg.exclude,
+    return MaskSpec(cfg.param_budget, cfg.mask_sign, cfg.quota_layer, cfg.quota_module, cfg.include, cfg.exclude,
                     cfg.granularity)
 
 
@@ -178,8 +191,6 @@ def _run(cfg: SelectConfig, threads: int) -> int:
     # every request error before anything is written, so a corrected rerun finds no half-made folder
     resolve_budget(cfg.data_budget, len(indices), "--data-budget", "pool examples")
     check_mask_request(shapes_all, mask_spec(cfg))
-    if cfg.joint_rounds < 0:
-        raise ConfigError(f"--joint-rounds {cfg.joint_rounds}: use 0 (independent selection) or more")
     model = None
     if cfg.model or cfg.joint_rounds > 0 or cfg.surrogate:
         with torch_threads(threads):
@@ -194,7 +205,7 @@ def _run(cfg: SelectConfig, threads: int) -> int:
     except MetadataMismatchError as e:
         raise MetadataMismatchError(f"{e}; or write this selection elsewhere with --out", e.field) from e
 
-    sub = select_subset(phi_data, cfg.data_budget, cfg.sign)
+    sub = select_subset(phi_data, cfg.data_budget)  # always signed φ_data (docs/method.md §5 step 4)
     scores = read_safetensors(sdir / "param_scores.safetensors")
     if model is not None:
         from dualsft.selection.mask import check_mask_matches
@@ -231,7 +242,7 @@ def _summary(cfg: SelectConfig, mask: MaskSelection, sub: Any, chosen: list[dict
     glob = [s for s in mask.stages if s["stage"] == "global"]
     data_scores = [r["score"] for r in chosen]
     summary: dict[str, Any] = {
-        "data": {"budget": cfg.data_budget, "b": sub.b, "N": sub.N, "selected": len(chosen), "sign": cfg.sign,
+        "data": {"budget": cfg.data_budget, "b": sub.b, "N": sub.N, "selected": len(chosen), "sign": "signed",
                  "chosen_by": "top-b of phi_data" if joint is None or joint.history[-1]["step"] == "start"
                  else "joint refinement (the best pair visited; threshold is the independent top-b's)",
                  "threshold": sub.threshold, "min_selected_score": min(data_scores) if data_scores else None,
@@ -268,20 +279,21 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     from dualsft.data.formats import batches, load_examples, tokenize_examples
     from dualsft.models import load_tokenizer
     from dualsft.scoring.rows import row_scores
+    from dualsft.scoring.settings import load_settings
     from dualsft.scoring.stats import gradient_sum, surrogate_improvement, trainable_params
     from dualsft.selection.joint import refine_jointly
 
-    scfg = smeta.get("config") or {}
-    eta, order = float(scfg.get("eta", 2e-5)), int(scfg.get("order", 2))
+    scoring = load_settings(run / "scores")  # η, order, template, max_length of the scores: one typed record
+    eta, order = scoring.eta, scoring.order
     v = load_tensors(run / "scores" / "v.safetensors")
     c = load_tensors(curvature_path(smeta, run)) if order == 2 else None
     _check_same_shapes(mask.shapes, v, "scores/v.safetensors")
     if c is not None:
         _check_same_shapes(mask.shapes, c, "warmup/exp_avg_sq.safetensors")
-    tok = load_tokenizer(scfg.get("model") or cfg.model or (smeta.get("model") or {}).get("id"))
+    tok = load_tokenizer(scoring.model)
     by_index = {e.index: e for e in load_examples(pool_path)}
-    toks = tokenize_examples([by_index[i] for i in indices], tok, scfg.get("template", "chat"),
-                             int(scfg.get("max_length", 256)), drop_empty=False, source="pool")
+    toks = tokenize_examples([by_index[i] for i in indices], tok, scoring.template, scoring.max_length,
+                             drop_empty=False, source="pool")
     params = trainable_params(model)
     pad = tok.pad_token_id
     device = next(model.parameters()).device

@@ -1,18 +1,21 @@
 """The explicit training loop shared by every method: sparse (DualSFT), dense-masked (the authors'
-approach, the reference), full fine-tuning and LoRA.
+approach, the reference), full fine-tuning, LoRA, and the warm-up (``scoring/warmup.py``: the full
+fine-tuning case at a constant lr without clipping, keeping Adam's exp_avg_sq as the curvature c).
 
 Public API (stable; the comparison harness calls it for baselines):
     TrainSettings                    hyperparameters (frozen dataclass; ``TrainConfig`` of the CLI is one)
     train_restricted(model, examples, mask, settings, pad_token_id, ...) -> TrainResult
     TrainResult                      trained model, per-step metrics, counts, optimizer memory
     lr_at(step, total, settings)     the learning-rate schedule
+    epoch_order, chained_epoch_order the two data orders (an ``EpochOrder``: (N, seed, epoch) -> permutation)
     step_examples(n, step, settings) which example positions an optimizer step uses
     rank_examples(positions)         this rank's share of a step's positions (data parallelism)
 
 One optimizer step = ``batch_size`` examples (B) in micro-batches of ``micro_batch_size``; the loss of a
-step is the MEAN over its examples of l(z) (token-mean NLL over response tokens, METHOD.md §2), so
-accumulation gives the same gradient as one big batch. Data order: a seeded permutation per epoch, so
-the position in the data is just the step count and a checkpoint needs no iterator state.
+step is the MEAN over its examples of l(z) (token-mean NLL over response tokens, docs/method.md §2), so
+accumulation gives the same gradient as one big batch. Data order: a seeded permutation per epoch that
+depends only on (N, seed, epoch), so the position in the data is just the step count and a checkpoint
+needs no iterator state.
 
 Data parallelism (``torchrun --nproc_per_node N -m dualsft train``): each step's B examples are split
 into N contiguous shards (``rank_examples``); every rank divides its summed loss by the GLOBAL B, the
@@ -44,12 +47,13 @@ log = logging.getLogger(__name__)
 
 Method = Literal["sparse", "dense-masked", "full", "lora"]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+EpochOrder = Callable[[int, int, int], list[int]]  # (N, seed, epoch) -> a permutation of 0..N-1
 DEFAULT_LR = {"sparse": 2e-5, "dense-masked": 2e-5, "full": 2e-5, "lora": 2e-4}
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyperparameters of restricted fine-tuning (defaults: METHOD.md §5 step 5)."""
+    """Hyperparameters of restricted fine-tuning (defaults: docs/method.md §5 step 5)."""
 
     method: Method = field(default="sparse", metadata={"help": "sparse: state only for the mask's entries "
                            "(DualSFT); dense-masked: dense AdamW with gradient masking (the authors' way, the "
@@ -89,6 +93,8 @@ class TrainResult:
         steps / total_steps: steps done so far / planned; completed: steps == total_steps.
         tokens: non-padding tokens processed; trainable_entries: d for dense methods, k for sparse.
         state_bytes: analytic optimizer memory by kind (bytes).
+        exp_avg_sq: {name: Adam's raw second moment, float32, CPU} of every tensor the optimizer stepped
+            (sparse: the [k_p] selected entries), when ``train_restricted(keep_exp_avg_sq=True)``; else None.
     """
 
     model: torch.nn.Module
@@ -101,6 +107,7 @@ class TrainResult:
     wall_time_s: float
     trainable_entries: int
     state_bytes: dict[str, int]
+    exp_avg_sq: dict[str, torch.Tensor] | None = None
 
     @property
     def completed(self) -> bool:
@@ -127,16 +134,25 @@ def total_steps(n: int, settings: TrainSettings) -> int:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A seeded permutation of 0..N-1 for one epoch (independent of any global RNG)."""
+    """A seeded permutation of 0..N-1 for one epoch, from its own generator (independent of any global RNG)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_examples(n: int, step: int, settings: TrainSettings) -> list[int]:
+def chained_epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The warm-up's order: ONE generator seeded with ``seed`` draws a permutation of 0..N-1 per epoch, and
+    epoch e is its (e+1)-th draw. Recomputed from the seed, so it is still a function of (N, seed, epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epoch):
+        torch.randperm(n, generator=g)  # advance the generator past the earlier epochs
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_examples(n: int, step: int, settings: TrainSettings, order: EpochOrder = epoch_order) -> list[int]:
     """Positions (into the examples list) used by 0-based optimizer step ``step``."""
     spe = steps_per_epoch(n, settings)
     epoch, j = divmod(step, spe)
-    return epoch_order(n, settings.seed, epoch)[j * settings.batch_size:(j + 1) * settings.batch_size]
+    return order(n, settings.seed, epoch)[j * settings.batch_size:(j + 1) * settings.batch_size]
 
 
 def rank_examples(positions: list[int]) -> list[int]:
@@ -180,8 +196,8 @@ def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
     if m in ("sparse", "dense-masked") and mask is None:
         raise ConfigError(f"--method {m} needs a mask; pass --mask or use --method full")
     if m == "sparse":
-        opt = SparseAdamW(model.named_parameters(), mask, hp)
-        return model, opt, [s.name for s in opt.slots]
+        opt = SparseAdamW(model.named_parameters(), mask, **asdict(hp))
+        return model, opt, [n for n, _ in opt.named]
     if m == "lora":
         from dualsft.training.lora import wrap_lora
 
@@ -220,7 +236,8 @@ def accumulate_grads(model: torch.nn.Module, micro_batches: list[dict[str, torch
 
 def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample], mask: dict[str, torch.Tensor] | None,
                      settings: TrainSettings, pad_token_id: int, loss_fn: LossFn = per_example_loss,
-                     checkpoint_dir: str | Path | None = None, stop_after_steps: int | None = None) -> TrainResult:
+                     checkpoint_dir: str | Path | None = None, stop_after_steps: int | None = None,
+                     order: EpochOrder = epoch_order, keep_exp_avg_sq: bool = False) -> TrainResult:
     """Fine-tune ``model`` (θ0) on ``examples``, updating only the entries of ``mask`` (sparse /
     dense-masked) or every weight (full) or LoRA adapters (lora).
 
@@ -234,6 +251,9 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         checkpoint_dir: where to save/resume checkpoints (every ``settings.checkpoint_every`` steps); if it
             holds one, training resumes from it and ends exactly where an uninterrupted run would.
         stop_after_steps: leave after this many steps in THIS call (time-sliced jobs; tests of resume).
+        order: the data order per epoch (a resumed run must use the same one).
+        keep_exp_avg_sq: hand back Adam's raw second moments in ``TrainResult.exp_avg_sq`` (the warm-up's
+            curvature c, docs/method.md §3); off by default, since a float32 CPU copy of d numbers is costly.
     Returns:
         TrainResult (``completed`` False if stopped early).
     """
@@ -260,21 +280,23 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         done_here = 0
         while state["step"] < total and (stop_after_steps is None or done_here < stop_after_steps):
             s = state["step"]
-            pos = step_examples(n, s, settings)
+            pos = step_examples(n, s, settings, order)
             mine = rank_examples(pos)
             mbs = [collate([examples[i] for i in mine[j:j + settings.micro_batch_size]], pad_token_id)
                    for j in range(0, len(mine), settings.micro_batch_size)]
             lr = lr_at(s, total, settings)
-            updater.lr = lr
+            for group in updater.param_groups:
+                group["lr"] = lr
             # every rank divides by the GLOBAL step size len(pos): the summed gradients are the step's mean
             loss = accumulate_grads(model, mbs, len(pos), loss_fn, settings.autocast)
             updater.all_reduce_grads()
-            norm = updater.step(settings.max_grad_norm)
-            updater.zero_grad()
-            if not math.isfinite(norm):
+            norm = updater.clip_grad_norm_(settings.max_grad_norm)  # over the trained entries, before clipping
+            if not math.isfinite(norm):  # stop before the update touches the weights
                 idx = [int(examples[i].index) for i in pos]
                 raise NonFiniteLossError(f"non-finite gradient norm at step {s + 1} (examples {idx[:20]}); "
                                          "lower --lr or set --max-grad-norm", idx)
+            updater.step()
+            updater.zero_grad()
             loss, tokens = dist.all_reduce_sum([loss, sum(int(mb["attention_mask"].sum()) for mb in mbs)])
             tokens = int(tokens)
             state["step"], state["tokens"] = s + 1, state["tokens"] + tokens
@@ -302,8 +324,9 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
     trained_set = set(trained)
     k = sum(v.numel() for v in mask.values()) if settings.method in ("sparse", "dense-masked") and mask else sum(
         p.numel() for name, p in model.named_parameters() if name in trained_set)
+    c = {name: v.detach().float().cpu() for name, v in updater.exp_avg_sq().items()} if keep_exp_avg_sq else None
     return TrainResult(model, settings.method, trained, state["metrics"], state["step"], total, state["tokens"],
-                       state["elapsed"], k, updater.state_bytes())
+                       state["elapsed"], k, updater.state_bytes(), c)
 
 
 def _mask_checksum(mask: dict[str, torch.Tensor] | None) -> list[float]:

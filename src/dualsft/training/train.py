@@ -1,4 +1,4 @@
-"""`dualsft train`: restricted fine-tuning FROM THE BASE MODEL θ0 (METHOD.md §5 step 5, §7).
+"""`dualsft train`: restricted fine-tuning FROM THE BASE MODEL θ0 (docs/method.md §5 step 5, §7).
 
     dualsft train --run-dir runs/demo                       # subset + mask from `dualsft select`, sparse AdamW
     dualsft train --run-dir runs/demo --mask none           # DualSFT-Data: the subset, every weight (full FT)
@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from dualsft import distributed as dist
-from dualsft.config import CommonConfig, opt
+from dualsft.config import CommonConfig, opt, require
 from dualsft.errors import ArtifactError
 from dualsft.io import read_json, write_json, write_jsonl
 from dualsft.runs import build_metadata, prepare_stage_dir
@@ -49,6 +49,10 @@ class TrainConfig(TrainSettings, CommonConfig):
     out: str | None = opt(None, "output folder; default RUN/train")
     keep_checkpoints: bool = opt(False, "keep checkpoints/ after a successful run")
     attn_implementation: str = opt("sdpa", "attention kernel for training: sdpa or eager")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")  # the rest: loop.check_settings
 
 
 CONFIG = TrainConfig

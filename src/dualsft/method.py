@@ -1,0 +1,149 @@
+"""The maths of DualSFT on per-parameter statistics (docs/method.md §3-§4, §7), as pure functions.
+
+Every statistic is a ``dict[str, Tensor]`` keyed by parameter name and shaped like the parameter:
+v_new, v_prior (target and prior gradients), v, G = Σ_n g_n (or G_S over a subset S), c (Adam's raw
+exp_avg_sq), u, φ_param. No paths, no logging, no devices chosen here: tensors stay where they are given.
+
+    v        = λ_new v_new + λ_prior v_prior                     combine_v
+    u        = η v − ½ η² c ⊙ G   (order 2)   /   η v (order 1)  u_tensor (the ONE place), direction_u
+    φ_param  = u ⊙ G                                              param_scores (float32), interaction (float64)
+    t(S)     = u(S) ⊙ G_S,   u(S) = η v − ½ η² c ⊙ G_S           subset_term (joint refinement's ranking)
+    I(m, S)  = Σ_j m_j t_j(S) = η vᵀ(m⊙G_S) − ½η² Σ_j m_j c_j G_Sj²    surrogate_improvement
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from dualsft.errors import ConfigError
+
+ParamDict = dict[str, torch.Tensor]
+ORDERS = (1, 2)
+
+
+def check_order(order: int) -> None:
+    """Raise ConfigError unless ``order`` is 1 (u = ηv) or 2 (u = ηv − ½η²c⊙G)."""
+    if order not in ORDERS:
+        raise ConfigError(f"--order must be 1 or 2, got {order}")
+
+
+def combine_v(v_new: Mapping[str, torch.Tensor], v_prior: Mapping[str, torch.Tensor] | None, lambda_new: float,
+              lambda_prior: float) -> ParamDict:
+    """v = λ_new v_new + λ_prior v_prior (docs/method.md §4), in v_new's dtype.
+
+    ``v_prior`` None (or λ_prior = 0) means the anchor pass was skipped: v = λ_new v_new."""
+    with_prior = v_prior is not None and lambda_prior != 0
+    return {n: lambda_new * vn + (lambda_prior * v_prior[n] if with_prior else torch.zeros_like(vn))  # type: ignore[index]
+            for n, vn in v_new.items()}
+
+
+def curvature_term(c: torch.Tensor, G: torch.Tensor, eta: float, like: torch.Tensor) -> torch.Tensor:
+    """½ η² c ⊙ G for one parameter, in ``like``'s dtype and device (the second-order part of u)."""
+    return 0.5 * eta**2 * c.to(like) * G.to(like)
+
+
+def u_tensor(v: torch.Tensor, eta: float, c: torch.Tensor | None = None, G: torch.Tensor | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """u = η v − ½ η² c ⊙ G for one parameter (η v when ``c`` or ``G`` is None), in ``dtype`` (default v's).
+
+    This is the only place the formula of u is written (docs/method.md §4)."""
+    u = eta * (v if dtype is None else v.to(dtype))
+    if c is None or G is None:
+        return u
+    return u - curvature_term(c, G, eta, u)
+
+
+def direction_u(v: Mapping[str, torch.Tensor], eta: float, order: int, c: Mapping[str, torch.Tensor] | None = None,
+                G: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> ParamDict:
+    """u per parameter (docs/method.md §4): η v (order 1) or η v − ½ η² c ⊙ G (order 2, needs c and G).
+
+    A parameter missing from ``c`` has no curvature estimate: its second-order term is 0 (see
+    ``missing_curvature``). With G = G_S (a subset's gradient sum) this is u(S) of joint refinement."""
+    check_order(order)
+    if order == 2 and (G is None or c is None):
+        raise ConfigError("order 2 needs both G and the curvature c (Adam exp_avg_sq from the warm-up)")
+    if order == 1:
+        return {n: u_tensor(vn, eta, dtype=dtype) for n, vn in v.items()}
+    return {n: u_tensor(vn, eta, c.get(n), G[n], dtype) for n, vn in v.items()}  # type: ignore[union-attr,index]
+
+
+def missing_curvature(v: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """Names of ``v`` that ``c`` has no entry for (their second-order term is taken as 0)."""
+    return [] if c is None else [n for n in v if n not in c]
+
+
+def interaction(u: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """u ⊙ G for one parameter in float64: the column sums Σ_n M[n, j] of the interaction matrix."""
+    return u.double() * G.double().to(u.device)
+
+
+def param_scores(u: Mapping[str, torch.Tensor], G: Mapping[str, torch.Tensor]) -> ParamDict:
+    """φ_param = u ⊙ G per parameter (docs/method.md §4), float32 (computed in float64)."""
+    return {n: interaction(u[n], G[n]).float() for n in u}
+
+
+def subset_term(v: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor] | None,
+                G_S: Mapping[str, torch.Tensor], eta: float) -> ParamDict:
+    """t(S) = u(S) ⊙ G_S per entry, float64 (docs/method.md §7): η v_j G_Sj − ½ η² c_j G_Sj².
+
+    φ_param computed on the subset S; Σ_j m_j t_j(S) = I(m, S), so top-k of t maximises I over masks of
+    size k. ``c`` None: first order (η v_j G_Sj)."""
+    return {n: _entry_term(v[n], c, n, g, eta) for n, g in G_S.items()}
+
+
+def _entry_term(v: torch.Tensor, c: Mapping[str, torch.Tensor] | None, name: str, G_S: torch.Tensor,
+                eta: float) -> torch.Tensor:
+    """t_j(S) for one parameter [shape of the parameter], float64."""
+    g = G_S.double()
+    curv = c.get(name) if c is not None else None
+    return interaction(u_tensor(v.to(g.device), eta, curv, g, torch.float64), g)
+
+
+def surrogate_improvement(v: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor] | None,
+                          G_S: Mapping[str, torch.Tensor], mask_bool_dict: Mapping[str, torch.Tensor],
+                          eta: float) -> float:
+    """I(m, S) = Σ_j m_j t_j(S) = η vᵀ(m ⊙ G_S) − ½ η² Σ_j m_j c_j (G_S)_j²  (docs/method.md §3), float64.
+
+    ``mask_bool_dict`` maps names to bool masks shaped like the parameter; a name absent from it is
+    entirely unselected. ``c`` None: first-order surrogate. Names absent from ``v``/``G_S`` add nothing."""
+    total = 0.0
+    for n, m in mask_bool_dict.items():
+        if n in v and n in G_S:
+            t = _entry_term(v[n], c, n, G_S[n], eta)
+            total += float(t[m.to(t.device)].sum())
+    return total
+
+
+def u_term_norms(v_new: Mapping[str, torch.Tensor], v_prior: Mapping[str, torch.Tensor] | None,
+                 c: Mapping[str, torch.Tensor] | None, G: Mapping[str, torch.Tensor] | None,
+                 u: Mapping[str, torch.Tensor], eta: float, lambda_new: float, lambda_prior: float,
+                 order: int) -> dict[str, float]:
+    """l2 norms of the terms of u over all parameters (docs/method.md §4: which terms matter at this scale):
+    η·λ_new·v_new, η·λ_prior·v_prior, ½η²·c⊙G (order 2; 0 where c is missing) and u itself."""
+    sq = {"eta_lambda_new_v_new": 0.0, "eta_lambda_prior_v_prior": 0.0, "half_eta2_c_G": 0.0, "u": 0.0}
+    for n, vn in v_new.items():
+        sq["eta_lambda_new_v_new"] += _sq(eta * (lambda_new * vn))
+        if v_prior is not None and lambda_prior:
+            sq["eta_lambda_prior_v_prior"] += _sq(eta * (lambda_prior * v_prior[n]))
+        if order == 2 and c is not None and G is not None and n in c:
+            sq["half_eta2_c_G"] += _sq(curvature_term(c[n], G[n], eta, u[n]))
+        sq["u"] += _sq(u[n])
+    return {k: s**0.5 for k, s in sq.items()}
+
+
+def _sq(t: torch.Tensor) -> float:
+    """‖t‖² in float64."""
+    return float(t.double().pow(2).sum())
+
+
+def combine_u(v_new: Mapping[str, torch.Tensor], v_prior: Mapping[str, torch.Tensor] | None,
+              G: Mapping[str, torch.Tensor] | None, c: Mapping[str, torch.Tensor] | None, eta: float,
+              lambda_new: float, lambda_prior: float, order: int) -> tuple[ParamDict, ParamDict, dict[str, float]]:
+    """(u, v, term norms) from the scoring statistics: ``combine_v``, then ``direction_u``, then
+    ``u_term_norms`` (docs/method.md §4)."""
+    check_order(order)
+    v = combine_v(v_new, v_prior, lambda_new, lambda_prior)
+    u = direction_u(v, eta, order, c, G)
+    return u, v, u_term_norms(v_new, v_prior, c, G, u, eta, lambda_new, lambda_prior, order)

@@ -1,0 +1,108 @@
+"""The options of `dualsft score` (``ScoreConfig``) and the settings the scores were made with, saved
+beside them as RUN/scores/settings.json.
+
+One typed record (``ScoringSettings``) written by `dualsft score` and read back by every later stage that
+recomputes part of the method (joint refinement, the surrogate I(m, S)): η and the order of u, the λs and
+the prior's options, and how the text was tokenised. It has no defaults of its own: `dualsft score`'s
+``ScoreConfig`` is the one place the defaults are typed; the record is built from it (and, for scores made
+before settings.json existed, from the config their metadata.json records, over those defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from dualsft.config import CommonConfig, opt, require
+from dualsft.io import write_json
+
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass(frozen=True)
+class ScoreConfig(CommonConfig):
+    """Options of `dualsft score` (defaults: the authors' release, docs/method.md §3-§5)."""
+
+    pool: str = opt("", "pool data file (the examples to score)")
+    target: str = opt("", "target/validation data file V (v_new is its mean gradient)")
+    order: int = opt(2, "2: u = ηv − ½η²c⊙G (needs the warm-up's curvature); 1: u = ηv (one pool pass)")
+    eta: float = opt(2e-5, "η, the step size of the one-step surrogate")
+    lambda_new: float = opt(1.0, "λ_new, weight of the target loss in L_val")
+    lambda_prior: float = opt(0.2, "λ_prior, weight of the KL-to-base term in L_val (0 skips the anchor pass)")
+    tau: float = opt(2.0, "τ, the KL temperature")
+    confidence: Literal["max_prob", "uniform", "entropy_inv"] = opt("max_prob", "anchor weight w_i")
+    prior_normalisation: Literal["weighted_mean", "release"] = opt(
+        "weighted_mean", "divide by Σw (weighted mean) or by max(Σw, 1) as the authors' release does")
+    anchor_ratio: float = opt(0.02, "fraction of the pool used as the anchor set A (seeded)")
+    batch_size: int = opt(4, "examples per scoring batch")
+    method: Literal["ghost", "jvp", "exact"] = opt(
+        "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic), exact (one backward per example; slow)")
+    curvature: str = opt("", "safetensors file of c per parameter (default: RUN/warmup/exp_avg_sq.safetensors)")
+    stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
+    checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
+                                "so a rerun resumes after a kill (0: off)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.order in (1, 2), "order", self.order, "use 1 or 2")
+        require(self.eta > 0, "eta", self.eta, "must be positive")
+        require(self.tau > 0, "tau", self.tau, "must be positive")
+        require(self.lambda_new >= 0, "lambda-new", self.lambda_new, "a weight is >= 0")
+        require(self.lambda_prior >= 0, "lambda-prior", self.lambda_prior, "a weight is >= 0")
+        require(0 <= self.anchor_ratio <= 1, "anchor-ratio", self.anchor_ratio, "a fraction of the pool in [0, 1]")
+        require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What the saved scores (u, v, φ_param, φ_data) depend on (docs/method.md §3-§5)."""
+
+    model: str                 # the model id the run was scored from (θ0's; θw is RUN/warmup's)
+    scored_at: str             # "theta_w" (after the warm-up) or "theta_0"
+    order: int                 # 2: u = ηv − ½η²c⊙G; 1: u = ηv
+    eta: float                 # η
+    lambda_new: float          # λ_new
+    lambda_prior: float        # λ_prior
+    tau: float                 # τ of the KL
+    confidence: str            # w_i: max_prob | uniform | entropy_inv
+    prior_normalisation: str   # weighted_mean | release
+    anchor_ratio: float        # |A| / N
+    template: str              # chat | plain
+    max_length: int            # tokens per example
+    drop_empty: bool           # examples without response tokens dropped
+    method: str                # row scores: ghost | jvp | exact
+    stats_dtype: str           # float32 | float64 accumulators
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: Any, scored_at: str) -> ScoringSettings:
+        """The record of a `dualsft score` config (any object with these attribute names)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "scored_at"},
+                   scored_at=scored_at)
+
+
+def save_settings(scores_dir: str | Path, settings: ScoringSettings) -> None:
+    """Write RUN/scores/settings.json (atomically)."""
+    write_json(Path(scores_dir) / SETTINGS_FILE, asdict(settings))
+
+
+def load_settings(scores_dir: str | Path) -> ScoringSettings:
+    """The settings of RUN/scores: settings.json, or (scores made before it existed) what metadata.json
+    records, with `dualsft score`'s defaults for fields it lacks and its model id for the model."""
+    folder = Path(scores_dir)
+    path = folder / SETTINGS_FILE
+    if path.exists():
+        return ScoringSettings(**json.loads(path.read_text()))
+    meta = json.loads((folder / "metadata.json").read_text())
+    return ScoringSettings(**_from_metadata(meta))
+
+
+def _from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """ScoringSettings fields from a scores metadata.json (its config over ScoreConfig's defaults)."""
+    defaults = asdict(ScoreConfig())
+    config = {**defaults, "model": (meta.get("model") or {}).get("id") or defaults["model"],
+              **(meta.get("config") or {})}
+    names = [f.name for f in fields(ScoringSettings) if f.name != "scored_at"]
+    return {**{n: config[n] for n in names}, "scored_at": meta.get("scored_at") or "unrecorded"}
