@@ -150,22 +150,22 @@ def _grad_sum_direct(model, batches):
     return G
 
 
-def test_sift_is_topk_abs_G_and_hybrids_compose(ctx_for, models, pool):
+def test_sift_global_is_topk_abs_G_and_hybrids_compose(ctx_for, models, pool):
     ctx = ctx_for(5, 300)
-    sift = select_baseline("random", "sift", ctx)
+    sift = select_baseline("random", "sift-global", ctx)
     G = _grad_sum_direct(models[1], pool)
     want = _topk_direct({n: g.abs() for n, g in G.items()}, 300)
     # G agrees with the direct sum to float32 rounding; allow a swap at the k-th boundary only
     assert len(_as_set(sift.mask) ^ want) <= 2
 
-    less_sift = select_hybrid("less→sift", ctx)
+    less_sift = select_hybrid("less→sift-global", ctx)
     less_alone = select_baseline("less", "full", ctx)
     assert less_sift.subset == less_alone.subset
     G_S = _grad_sum_direct(models[1], subset_batches(pool, less_sift.subset))
     assert len(_as_set(less_sift.mask) ^ _topk_direct({n: g.abs() for n, g in G_S.items()}, 300)) <= 2
     assert less_sift.cost["stages"][1]["examples_processed"] == 5
 
-    sift_less = select_hybrid("sift->less", ctx)
+    sift_less = select_hybrid("sift-global->less", ctx)
     assert _as_set(sift_less.mask) == _as_set(sift.mask)
     from dualsft.baselines.less import less_scores
     scores, idx = less_scores(models[1], pool, ctx.target_batches, ctx.less, ctx.seed, ctx.curvature,
@@ -225,3 +225,14 @@ def test_dualsft_is_a_registry_method_that_ranks_the_saved_scores(ctx_for, model
     _check_mask(sel.mask, base, ctx.k)
     mixed = select_baseline("dualsft", "random", ctx)  # one axis DualSFT, the other a baseline
     assert mixed.subset == sel.subset and mixed.mask is not None and mixed.cost["stages"][0]["examples_processed"] == 0
+
+
+def test_sift_is_the_published_rule_first_batch_at_theta0(ctx_for, pool):
+    """`sift` in the registry is SIFT as published (baselines.params.sift_published_mask on the first batch)."""
+    from dualsft.baselines.cost import Cost
+    from dualsft.baselines.params import sift_published_mask
+
+    ctx = ctx_for(5, 300)
+    sel = select_baseline("random", "sift", ctx)
+    want, _ = sift_published_mask(ctx.theta0, pool[0], ctx.k, Cost().start())
+    assert _as_set(sel.mask) == _as_set(want) and sel.trainable == ctx.k

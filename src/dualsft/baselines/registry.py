@@ -24,7 +24,7 @@ from dualsft.baselines.budget import resolve_budget, top_b
 from dualsft.baselines.cost import Cost, combine
 from dualsft.baselines.data import loss_subset, pool_indices, random_subset
 from dualsft.baselines.less import LessConfig, less_scores
-from dualsft.baselines.params import lora_rank_for_budget, magnitude_mask, random_mask, sift_mask
+from dualsft.baselines.params import lora_rank_for_budget, magnitude_mask, random_mask, sift_mask, sift_published_mask
 from dualsft.errors import ConfigError
 from dualsft.scoring.stats import trainable_params
 from dualsft.selection.policy import MaskSpec, select_mask, select_subset
@@ -35,6 +35,9 @@ Order = Literal["independent", "data_first", "param_first"]
 HYBRIDS: dict[str, tuple[str, str, Order]] = {
     "less→sift": ("less", "sift", "data_first"), "less->sift": ("less", "sift", "data_first"),
     "sift→less": ("less", "sift", "param_first"), "sift->less": ("less", "sift", "param_first"),
+    "less→sift-global": ("less", "sift-global", "data_first"), "less->sift-global": ("less", "sift-global", "data_first"),
+    "sift-global→less": ("less", "sift-global", "param_first"),
+    "sift-global->less": ("less", "sift-global", "param_first"),
 }
 
 
@@ -178,6 +181,17 @@ def _param_magnitude(ctx: BaselineContext, subset: list[int] | None) -> ParamRes
 
 
 def _param_sift(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
+    """SIFT as published: |grad| of the FIRST batch at θ0, projection matrices only, equal density per matrix."""
+    cost = Cost().start()
+    batches = ctx.pool_batches if subset is None else subset_batches(ctx.pool_batches, subset)
+    mask, _ = sift_published_mask(ctx.theta0, batches[0], ctx.k, cost)
+    scored_on = "pool" if subset is None else "subset"
+    return ParamResult(mask, ctx.k, {"scored_on": f"first batch of the {scored_on}", "checkpoint": "theta_0",
+                                     "matrices": "projections, equal density"}, cost.stop())
+
+
+def _param_sift_global(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
+    """This project's earlier variant: global top-|G| over every tensor, G summed over the whole pool/subset at θw."""
     cost = Cost().start()
     batches = ctx.pool_batches if subset is None else subset_batches(ctx.pool_batches, subset)
     mask, _ = sift_mask(ctx.model, batches, trainable_params(ctx.model), ctx.k, cost, ctx.quotas)
@@ -207,7 +221,7 @@ def _param_lora(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
 DATA_SELECTORS: dict[str, DataSelector] = {
     "random": _data_random, "loss": _data_loss, "all": _data_all, "less": _data_less, "dualsft": _data_dualsft}
 PARAM_SELECTORS: dict[str, ParamSelector] = {
-    "random": _param_random, "magnitude": _param_magnitude, "sift": _param_sift, "full": _param_full,
+    "random": _param_random, "magnitude": _param_magnitude, "sift": _param_sift, "sift-global": _param_sift_global, "full": _param_full,
     "lora": _param_lora, "dualsft": _param_dualsft}
 
 
