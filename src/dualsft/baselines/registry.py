@@ -221,8 +221,8 @@ def _param_lora(ctx: BaselineContext, subset: list[int] | None) -> ParamResult:
 DATA_SELECTORS: dict[str, DataSelector] = {
     "random": _data_random, "loss": _data_loss, "all": _data_all, "less": _data_less, "dualsft": _data_dualsft}
 PARAM_SELECTORS: dict[str, ParamSelector] = {
-    "random": _param_random, "magnitude": _param_magnitude, "sift": _param_sift, "sift-global": _param_sift_global, "full": _param_full,
-    "lora": _param_lora, "dualsft": _param_dualsft}
+    "random": _param_random, "magnitude": _param_magnitude, "sift": _param_sift, "sift-global": _param_sift_global,
+    "full": _param_full, "lora": _param_lora, "dualsft": _param_dualsft}
 
 
 def subset_batches(batches: Sequence[Batch], subset: Sequence[int], batch_size: int | None = None) -> list[Batch]:
