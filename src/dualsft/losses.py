@@ -1,4 +1,4 @@
-"""Per-example losses: l(z; θ) = token-mean NLL over the response tokens of z (METHOD.md §2).
+"""Per-example losses: l(z; θ) = token-mean NLL over the response tokens of z (docs/method.md §2).
 
 A batch is a dict of right- or left-padded tensors:
     input_ids [B, T] long, attention_mask [B, T] long (1 = real token), labels [B, T] long

@@ -1,4 +1,4 @@
-"""Selection: turning saved scores into a data subset and a parameter mask (METHOD.md §5 step 4, §7).
+"""Selection: turning saved scores into a data subset and a parameter mask (docs/method.md §5 step 4, §7).
 
 Public API:
     select_mask(scores, MaskSpec(...)) -> MaskSelection      top-k of φ_param: quotas, filters, units

@@ -1,6 +1,6 @@
 """Where a parameter sits: its transformer layer and its module group (for quotas and the heat-map).
 
-Groups (METHOD.md §5 step 4): ``q k v o gate up down other``, plus ``qkv`` for FUSED query/key/value
+Groups (docs/method.md §5 step 4): ``q k v o gate up down other``, plus ``qkv`` for FUSED query/key/value
 projections (GPT-2 ``attn.c_attn``, Phi-3 ``qkv_proj``, Falcon ``query_key_value``). A group is a
 property of a whole parameter tensor, so a fused tensor is not split into q/k/v: it is its own group,
 and the module quota spreads over the groups a model actually has (GPT-2: qkv, o, up, down, other).

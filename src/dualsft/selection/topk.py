@@ -1,4 +1,4 @@
-"""Budgets and a global top-k over many tensors that never sorts all entries (METHOD.md §5 step 4).
+"""Budgets and a global top-k over many tensors that never sorts all entries (docs/method.md §5 step 4).
 
 The selectors work IN PLACE on "work" tensors of scores (φ_param entries, or unit scores for structured
 masks): a chosen unit is marked by overwriting its score with -inf, and -inf on entry means "not

@@ -1,4 +1,4 @@
-"""Restricted fine-tuning (METHOD.md §5 step 5, §7): sparse AdamW whose memory scales with the mask,
+"""Restricted fine-tuning (docs/method.md §5 step 5, §7): sparse AdamW whose memory scales with the mask,
 its dense-masked reference twin, full FT and LoRA baselines through one explicit loop, sparse delta
 artifacts and merging.
 
