@@ -57,3 +57,17 @@ def test_answer_loss_tokens_refuse_an_empty_answer_and_unknown_modes(tokenizer):
         tokenize_examples([Example(0, (("user", "q"),), "")], tokenizer, "chat", 64, loss_tokens="answer")
     with pytest.raises(DataFormatError, match="loss tokens"):
         tokenize_example(Example(0, (("user", "q"),), "a"), tokenizer, "chat", 64, "everything")
+
+
+def test_blank_responses_warn_with_indices_and_drop_empty_drops_them(tokenizer, caplog):
+    import logging
+
+    exs = [Example(0, (("user", "q0"),), "7"), Example(1, (("user", "q1"),), "  \n"), Example(2, (("user", "q2"),), "")]
+    with caplog.at_level(logging.WARNING, logger="dualsft"):
+        kept = tokenize_examples(exs[:2], tokenizer, "chat", 64, source="pool x.jsonl")
+    assert [t.index for t in kept] == [0, 1]  # kept (the chat end tokens are its labels), but named
+    assert "pool x.jsonl: 1 example(s) have an empty or whitespace-only response (indices [1])" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dualsft"):
+        kept = tokenize_examples(exs, tokenizer, "chat", 64, drop_empty=True)
+    assert [t.index for t in kept] == [0] and "dropped 2 example(s)" in caplog.text and "[1, 2]" in caplog.text

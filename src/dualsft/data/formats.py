@@ -214,6 +214,26 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def check_blank_responses(examples: list[Example], drop_empty: bool, source: str) -> list[Example]:
+    """Warn about (or, with ``drop_empty``, drop) examples whose response is empty or whitespace only.
+
+    Such an example still has response labels under a template that appends end tokens (the chat
+    template's end-of-turn), so without this check it would be scored, selected and trained on silently,
+    teaching the model to answer with nothing."""
+    blank = [e.index for e in examples if not e.response.strip()]
+    if not blank:
+        return examples
+    shown = f"{blank[:20]}{'...' if len(blank) > 20 else ''}"
+    if drop_empty:
+        log.warning("%s: dropped %d example(s) with an empty or whitespace-only response: indices %s", source,
+                    len(blank), shown)
+        return [e for e in examples if e.response.strip()]
+    log.warning("%s: %d example(s) have an empty or whitespace-only response (indices %s); they are kept and "
+                "train the model to answer with nothing: fix the data or pass --drop-empty to drop them", source,
+                len(blank), shown)
+    return examples
+
+
 def tokenize_examples(
     examples: list[Example],
     tokenizer: Any,
@@ -230,6 +250,7 @@ def tokenize_examples(
     """
     if max_length < 2:
         raise DataFormatError(f"--max-length must be at least 2, got {max_length}")
+    examples = check_blank_responses(examples, drop_empty, source)
     toks = [tokenize_example(e, tokenizer, template, max_length, loss_tokens) for e in examples]
     n_trunc = sum(t.truncated for t in toks)
     if n_trunc:
