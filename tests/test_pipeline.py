@@ -36,6 +36,7 @@ def test_run_writes_every_stage_and_a_report(tmp_path, micro_model_dir, capsys):
     assert len(read_jsonl(run / "selection" / "subset.jsonl")) == 3  # 10% of 30
     report = (run / "report.md").read_text()
     assert "| target accuracy (exact match) |" in report and "Subset composition by pool task" in report
+    assert "V (validation split, the scoring target): 4 examples" in report and "by answer type" in report
     assert f"report: {run / 'report.md'}" in capsys.readouterr().out
     # a rerun resumes: every stage finds its folder complete and the report is rewritten
     assert cli(["run", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY]) == 0
