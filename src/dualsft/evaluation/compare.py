@@ -1,18 +1,33 @@
 """`dualsft compare`: the paper's comparison (docs/method.md §6) rerunnable by anyone, at matched budgets.
 
-For one model / data / budget setting it runs, for every method and seed: selection -> restricted
-training -> evaluation, and writes RUN/<out>/ (default RUN/compare/):
-    results.json      per method: per-seed metrics, mean ± std over seeds, scoring and training cost
-    results.md        the markdown table
+Protocol (issue 13), for one target task:
+  1. data: val (the scoring target V, 256 by default), dev (64, for choosing the lr) and test (256) from one
+     stratified draw of the target task (dualsft.data.build);
+  2. per seed: the warm-up (its subset drawn with the seed) and DualSFT's scores (anchors drawn with the
+     seed), shared by the DualSFT methods and the gradient baselines of that seed;
+  3. every method's selection per seed;
+  4. the lr per method: trained at each --lr-grid value on the first seed at the same budget, chosen by mean
+     teacher-forced loss on dev.jsonl; then every other seed trains at the chosen lr;
+  5. only then the test split is read: the base model and every (method, seed) are evaluated;
+  6. cells: mean [95% bootstrap CI] over seeds × test items (evaluation.stats, from predictions.jsonl),
+     paired differences dualsft − each method with a win/tie/loss verdict (a loss or KL: lower wins).
+``--target-tasks a,b`` repeats this per task into RUN/<task>/ and writes RUN/summary.{json,md} (wins / ties /
+losses of dualsft against each method across tasks).
+
+Writes RUN/<out>/ (default RUN/compare/):
+    results.json      per method: lr, dev loss per lr, per-seed metrics and composition, "ci", "vs_reference"
+    results.md        the table with CIs, the paired differences, wins/ties/losses, subset compositions (seed 0)
     tradeoff.png      stability (forgetting) vs plasticity (target accuracy), error bars over seeds
-    scores.png        distribution of φ_data with the subsets of DualSFT, LESS and random marked
-    <method>/seed<s>/{selection,train,eval}/   every intermediate artifact, resumable
+    scores.png        distribution of φ_data (first seed) with the subsets of DualSFT, LESS and random marked
+    scoring/seed<s>/{warmup,scores}/  the seed's warm-up and scores; scoring/seed<s>@<variant>/scores/
+    base/eval/        the base model's test evaluation
+    <method>/seed<s>/{selection,train[-lr<lr>],eval}/   every intermediate artifact, resumable
     <method>/seed<s>/selection_cost.json      the selection's cost record (written last: the resume mark)
-The options are `dualsft run`'s (the stage sections) plus the methods and seeds. The warm-up and the
-DualSFT scores are computed once (shared; their cost is reported once per method that uses them). A
-method is a data selector and a parameter selector of dualsft.baselines.registry ("dualsft" among them:
-RUN/scores ranked as `dualsft select` ranks them); dualsft and dualsft-joint run the `dualsft select`
-stage itself. Methods (``--methods``, comma separated):
+The options are `dualsft run`'s (the stage sections) plus the methods, seeds, lr grid and tasks. A method
+is a data selector and a parameter selector of dualsft.baselines.registry ("dualsft" among them: the
+seed's scores ranked as `dualsft select` ranks them); dualsft and dualsft-joint run the `dualsft select`
+stage itself; ``dualsft@VARIANT`` (VARIANTS: e.g. noprior = λ_prior 0) scores with that variant's score
+section into its own folder. Methods (``--methods``, comma separated):
     dualsft          DualSFT data + DualSFT mask, selected independently (the release's way)
     dualsft-joint    DualSFT with --select.joint-rounds (default 1) of true joint refinement (docs/method.md §7)
     dualsft-data     DualSFT subset, all parameters (single-axis)
