@@ -23,6 +23,7 @@ ITEM_METRICS: dict[str, tuple[str, str, int]] = {
     "target loss": ("target", "loss", -1),
     "stability loss": ("stability", "loss", -1),
     "general KL": ("general", "kl", -1),
+    "HumanEval pass@1": ("general", "passed", +1),  # only with --eval.humaneval
 }
 
 

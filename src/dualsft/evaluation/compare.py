@@ -526,8 +526,8 @@ def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, 
     plot_score_distributions(sdir, out, results)
 
 
-CI_COLS = ("target acc", "target loss", "stability loss", "general KL")
-PCT = {"target acc"}
+CI_COLS = ("target acc", "target loss", "stability loss", "general KL", "HumanEval pass@1")
+PCT = {"target acc", "HumanEval pass@1"}
 
 
 def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[str, Any]) -> str:
@@ -535,15 +535,16 @@ def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[st
     from dualsft.evaluation.stats import tally
     from dualsft.selection.report import composition_table
 
+    shown = [c for c in CI_COLS if c != "HumanEval pass@1" or any(c in r.get("ci", {}) for r in results.values())]
     base_ci = method_cells({c: [v] for c, v in item_scores(out / "base" / "eval" / "predictions.jsonl",
                                                             "model").items()})
-    header = (["method", "lr"] + [c + (" %" if c in PCT else "") for c in CI_COLS]
+    header = (["method", "lr"] + [c + (" %" if c in PCT else "") for c in shown]
               + ["selection s", "selection examples", "train s", "trainable"])
-    rows = [["base (no tuning)", "—"] + [fmt_interval(base_ci.get(c), c in PCT) for c in CI_COLS] + ["—"] * 4]
+    rows = [["base (no tuning)", "—"] + [fmt_interval(base_ci.get(c), c in PCT) for c in shown] + ["—"] * 4]
     for name, r in results.items():
         s = r["summary"]
         rows.append([name, "—" if r.get("lr") is None else f"{r['lr']:g}"]
-                    + [fmt_interval(r.get("ci", {}).get(c), c in PCT) for c in CI_COLS]
+                    + [fmt_interval(r.get("ci", {}).get(c), c in PCT) for c in shown]
                     + [f"{s['selection s']['mean']:.0f}", count_cell(s.get("selection examples", {})),
                        f"{s['train s']['mean']:.0f}" if s["train s"]["n"] else "—",
                        f"{s['trainable']:,}" if isinstance(s.get("trainable"), int) else "—"])
@@ -559,13 +560,13 @@ def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[st
              "scoring passes; every gradient-based method also reuses that seed's warm-up).\n",
              markdown_table(header, rows)]
     ref = reference_method(results)
-    diff_rows, verdicts = [], {c: [] for c in CI_COLS}
+    diff_rows, verdicts = [], {c: [] for c in shown}
     for name, r in results.items():
         vs = r.get("vs_reference")
         if not vs:
             continue
         row = [name]
-        for c in CI_COLS:
+        for c in shown:
             cell = vs.get(c)
             row += [fmt_interval(cell["diff"], c in PCT, signed=True), cell["verdict"]] if cell else ["—", "—"]
             if cell:
@@ -573,10 +574,10 @@ def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[st
         diff_rows.append(row)
     if diff_rows:
         lines += [f"\n## Paired differences: {ref} − method (95% CI); verdict for {ref} (a loss or KL: lower wins)\n",
-                  markdown_table(["method"] + [x for c in CI_COLS for x in (c + (" pp" if c in PCT else ""), "verdict")],
+                  markdown_table(["method"] + [x for c in shown for x in (c + (" pp" if c in PCT else ""), "verdict")],
                                  diff_rows),
                   "\n" + "; ".join(f"{c}: {ref} {t['win']} wins / {t['tie']} ties / {t['loss']} losses"
-                                   for c in CI_COLS if verdicts[c] for t in [tally(verdicts[c])])]
+                                   for c in shown if verdicts[c] for t in [tally(verdicts[c])])]
     lines.append(f"\n## Subset composition (seed {seeds[0]})\n")
     for name, r in results.items():
         comp = r["seeds"][0].get("composition") or {}
