@@ -126,3 +126,32 @@ def test_stage_configs_refuse_bad_values():
         TrainConfig(lr=-1.0)
     with pytest.raises(ConfigError, match=r"--joint-rounds -1"):
         SelectConfig(joint_rounds=-1)
+
+
+def test_preset_release_resolves_the_release_settings_and_flags_win():
+    from dualsft.cli import build_parser
+    from dualsft.config import PRESETS, build_config, load_yaml, preset_values
+    from dualsft.evaluation.compare import CompareConfig
+    from dualsft.pipeline import RunConfig
+    from dualsft.selection.select import SelectConfig
+
+    parser, _ = build_parser()
+    for command, cls in (("run", RunConfig), ("compare", CompareConfig)):
+        args = vars(parser.parse_args([command, "--preset", "release", "--train.lr", "1e-4"]))
+        cfg = build_config(cls, {k: v for k, v in args.items() if k not in ("_module", "command", "subcommand",
+                                                                            "verbose")})
+        assert cfg.template == "release" and cfg.score.template == "release" and cfg.eval.template == "release"
+        assert cfg.select.mask_sign == "abs" and (cfg.select.quota_layer, cfg.select.quota_module) == (0.2, 0.2)
+        assert cfg.train.max_grad_norm == 0.0 and cfg.score.prior_normalisation == "release"
+        assert cfg.train.lr == 1e-4
+    # an explicit flag wins over the preset
+    cfg = build_config(RunConfig, {"preset": "release", "template": "chat", "select.mask_sign": "signed"})
+    assert cfg.template == "chat" and cfg.select.mask_sign == "signed" and cfg.train.max_grad_norm == 0.0
+    # a single stage's command takes its own section
+    assert build_config(SelectConfig, {"preset": "release"}).mask_sign == "abs"
+    assert build_config(RunConfig).select.mask_sign == "signed"  # no preset: the defaults
+    # configs/release.yaml holds the same values
+    from pathlib import Path
+
+    assert load_yaml(Path(__file__).parents[1] / "configs" / "release.yaml") == PRESETS["release"]
+    assert preset_values(RunConfig, "release") == PRESETS["release"]

@@ -30,6 +30,10 @@ TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4
         "--score.lambda-prior", "0.2"]
 METHODS = "dualsft,dualsft-joint,less->sift,random"
 RTOL = 1e-5
+# compare's measured-study defaults (lr grid on dev, dev 64, products) would change what it computes: these
+# flags keep the pinned command's old protocol (one lr, chain_sum, dev 16); per-seed scoring at seed 0 is the
+# old shared scoring
+OLD_PROTOCOL = ["--lr-grid", "", "--data.target-task", "chain_sum", "--data.dev-size", "16"]
 
 
 def mask_hash(path: Path) -> str:
@@ -110,7 +114,7 @@ def produce(model_dir: Path, root: Path) -> dict[str, Any]:
     with one_torch_thread():
         assert cli(["run", "--model", str(model_dir), "--run-dir", str(root / "run"), *TINY]) == 0
         assert cli(["compare", "--model", str(model_dir), "--run-dir", str(root / "cmp"), *TINY, "--methods", METHODS,
-                    "--seeds", "0", "--less-dim", "64"]) == 0
+                    "--seeds", "0", "--less-dim", "64", *OLD_PROTOCOL]) == 0
     return {"run": run_fingerprint(root / "run"), "compare": compare_fingerprint(root / "cmp")}
 
 

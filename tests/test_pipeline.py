@@ -15,7 +15,8 @@ from dualsft.testing import one_torch_thread
 TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4", "--data.stability-size", "2",
         "--data.humaneval-size", "0", "--max-length", "640", "--score.batch-size", "4", "--train.batch-size", "4",
         "--train.micro-batch-size", "4", "--train.epochs", "1", "--eval.max-examples", "2", "--eval.batch-size", "4",
-        "--score.lambda-prior", "0.2"]
+        "--score.lambda-prior", "0.2", "--data.dev-size", "4"]
+ONE_LR = ["--lr-grid", ""]  # compare's lr grid is tested once (test_compare_lr_grid_and_tasks); elsewhere train.lr
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +36,7 @@ def test_run_writes_every_stage_and_a_report(tmp_path, micro_model_dir, capsys):
     assert len(read_jsonl(run / "selection" / "subset.jsonl")) == 3  # 10% of 30
     report = (run / "report.md").read_text()
     assert "| target accuracy (exact match) |" in report and "Subset composition by pool task" in report
+    assert "V (validation split, the scoring target): 4 examples" in report and "by answer type" in report
     assert f"report: {run / 'report.md'}" in capsys.readouterr().out
     # a rerun resumes: every stage finds its folder complete and the report is rewritten
     assert cli(["run", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY]) == 0
@@ -45,7 +47,7 @@ def test_compare_matches_budgets_across_methods(tmp_path, micro_model_dir):
     run = tmp_path / "run"
     methods = "dualsft,dualsft-data,random,sift->less,loss+magnitude"
     assert cli(["compare", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY, "--methods", methods,
-                "--seeds", "0,1", "--less-dim", "64"]) == 0
+                "--seeds", "0,1", "--less-dim", "64", *ONE_LR]) == 0
     out = run / "compare"
     d = sum(p.numel() for p in load_model(str(micro_model_dir)).parameters())  # tied embedding counted once
     k = int(0.1 * d + 0.5)
@@ -62,11 +64,18 @@ def test_compare_matches_budgets_across_methods(tmp_path, micro_model_dir):
                 assert sum(v.numel() for v in idx.values()) == k, name
             else:
                 assert not (sel / "mask.safetensors").exists()
-    # the random method's selections differ between seeds; DualSFT's do not
+    # the random method's selections differ between seeds; DualSFT's warm-up subset and anchors do too
     rnd = [read_jsonl(out / "random" / f"seed{s}" / "selection" / "subset.jsonl") for s in (0, 1)]
     assert [r["index"] for r in rnd[0]] != [r["index"] for r in rnd[1]]
-    dual = [read_jsonl(out / "dualsft" / f"seed{s}" / "selection" / "subset.jsonl") for s in (0, 1)]
-    assert [r["index"] for r in dual[0]] == [r["index"] for r in dual[1]]
+    warm = [json.loads((out / "scoring" / f"seed{s}" / "warmup" / "warmup_indices.json").read_text())["indices"]
+            for s in (0, 1)]
+    assert warm[0] != warm[1]
+    # every cell has a 95% CI over seeds × test items, and every baseline a paired difference against dualsft
+    for name, r in res["methods"].items():
+        ci = r["ci"]["target acc"]
+        assert ci["low"] <= ci["mean"] <= ci["high"] and ci["n_seeds"] == 2 and ci["n_examples"] == 2
+        if name != "dualsft":
+            assert r["vs_reference"]["target loss"]["verdict"] in ("win", "tie", "loss")
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in methods.split(","))
     assert (out / "tradeoff.png").exists() and (out / "scores.png").exists()
@@ -81,7 +90,7 @@ def test_compare_rerun_reproduces_its_table(tmp_path, micro_model_dir):
     for name in ("a", "b"):
         run = tmp_path / name
         assert cli(["compare", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY, "--methods", methods,
-                    "--seeds", "0", "--less-dim", "64"]) == 0
+                    "--seeds", "0", "--less-dim", "64", *ONE_LR]) == 0
         res.append(json.loads((run / "compare" / "results.json").read_text()))
     assert res[0]["base"] == res[1]["base"]
     for m in methods.split(","):
@@ -96,7 +105,7 @@ def test_compare_pairs_dualsft_with_a_baseline_axis(tmp_path, micro_model_dir):
     run = tmp_path / "run"
     methods = "dualsft,random,dualsft+random,random+dualsft,dualsft+lora"
     assert cli(["compare", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY, "--methods", methods,
-                "--seeds", "0"]) == 0
+                "--seeds", "0", *ONE_LR]) == 0
     sel = {m: run / "compare" / m.replace("+", "_plus_") / "seed0" / "selection" for m in methods.split(",")}
 
     def subset(m):
@@ -121,3 +130,82 @@ def test_compare_refuses_an_unknown_axis_before_any_work(tmp_path, micro_model_d
                 "--methods", "dualsft,dualsft+nope"]) == 2
     assert "DATA+PARAM takes" in caplog.text and "nope" in caplog.text
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compare_lr_grid_tasks_variants_and_test_split_last(tmp_path, micro_model_dir, monkeypatch):
+    """Two target tasks in one command, an lr grid of two chosen on dev, a @noprior variant row; and an
+    instrumented check that the test split is opened only after every training (grid and seeds) is done."""
+    import builtins
+    import io
+
+    from dualsft.data import build
+    from dualsft.training import train
+
+    events: list[str] = []
+    in_build = [False]
+    real_open, real_train, real_build = builtins.open, train.main, build.main
+
+    def spy_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith("test.jsonl") and not any(c in mode for c in "wax") and not in_build[0]:
+            events.append("read test")
+        return real_open(file, mode, *args, **kwargs)
+
+    def spy_train(cfg):
+        events.append(f"train {cfg.out}")
+        return real_train(cfg)
+
+    def spy_build(cfg):  # the data build writes (and may re-read) the split it creates: not a test read
+        in_build[0] = True
+        try:
+            return real_build(cfg)
+        finally:
+            in_build[0] = False
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(io, "open", spy_open)
+    monkeypatch.setattr(train, "main", spy_train)
+    monkeypatch.setattr(build, "main", spy_build)
+    run = tmp_path / "run"
+    methods = "dualsft,dualsft@noprior,random"
+    assert cli(["compare", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY, "--methods", methods,
+                "--seeds", "0,1", "--lr-grid", "1e-4,5e-4", "--target-tasks", "products,gcd"]) == 0
+    for task in ("products", "gcd"):
+        trains = [i for i, e in enumerate(events) if e.startswith("train") and f"/{task}/" in e]
+        assert len(trains) == 3 * (2 + 1)  # per method: 2 grid lrs on seed 0, then seed 1 at the chosen lr
+        res = json.loads((run / task / "compare" / "results.json").read_text())
+        assert set(res["methods"]) == set(methods.split(","))
+        for name, r in res["methods"].items():
+            assert r["lr"] in (1e-4, 5e-4) and set(r["dev_loss"]) == {"0.0001", "0.0005"}, name
+            assert [s["train"]["lr"] for s in r["seeds"]] == [r["lr"]] * 2
+        assert (run / task / "compare" / "scoring" / "seed1@noprior" / "scores" / "summary.json").exists()
+        table = (run / task / "compare" / "results.md").read_text()
+        assert "| dualsft@noprior |" in table and "Paired differences" in table and "Subset composition" in table
+    # per task: every training precedes the first read of the test split
+    first_read, last_train = events.index("read test"), max(i for i, e in enumerate(events) if e.startswith("train"))
+    assert "read test" in events
+    assert all(e.startswith("train") for e in events[:first_read] if e != "read test")
+    products_trains = [i for i, e in enumerate(events) if e.startswith("train") and "/products/" in e]
+    assert max(products_trains) < first_read < min(i for i, e in enumerate(events) if "/gcd/" in e) < last_train
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tasks"] == ["products", "gcd"] and summary["reference"] == "dualsft"
+    assert sum(summary["wins_ties_losses"]["random"]["target loss"].values()) == 2
+
+
+def test_compare_variant_overrides_are_checked():
+    from dualsft.errors import ConfigError
+    from dualsft.evaluation.compare import VARIANTS, parse_method, variant_score
+    from dualsft.scoring.score import ScoreConfig
+
+    assert variant_score(ScoreConfig(lambda_prior=0.2), "noprior").lambda_prior == 0.0
+    assert parse_method("dualsft@noprior") == parse_method("dualsft")
+    with pytest.raises(ConfigError, match="unknown variant"):
+        parse_method("dualsft@nope")
+    with pytest.raises(ConfigError, match="uses none"):
+        parse_method("random@noprior")
+    VARIANTS["bogus"] = {"no_such_field": 1}
+    try:
+        with pytest.raises(ConfigError, match="no_such_field"):
+            variant_score(ScoreConfig(), "bogus")
+    finally:
+        del VARIANTS["bogus"]

@@ -23,7 +23,19 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from dualsft.errors import ConfigError
 
 C = TypeVar("C")
-Template = Literal["chat", "plain"]
+Template = Literal["chat", "plain", "release"]
+
+# Named presets: option values under the defaults' layer (defaults < preset < YAML < CLI flags), keyed like a
+# YAML file (top-level options, and one mapping per stage section). A single stage's command takes its own
+# section's values ("select" -> SelectConfig). configs/<name>.yaml holds the same values for reading.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the authors' release: plain prompt + "\n" + response, no end token, prompt masked by its own tokenisation;
+    # |φ_param| top-k with 20%/20% quotas; no gradient clipping; v_prior divided by max(Σw, 1)
+    "release": {"template": "release",
+                "select": {"mask_sign": "abs", "quota_layer": 0.2, "quota_module": 0.2},
+                "train": {"max_grad_norm": 0.0},
+                "score": {"prior_normalisation": "release"}},
+}
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -39,14 +51,15 @@ class CommonConfig:
     model: str = opt("smollm2-135m", "HF model id or local folder; 'smollm2-135m' = embedded SmolLM2-135M-Instruct")
     dtype: str = opt("auto", "auto (bf16 on CUDA, float32 on CPU), float32, float64, bfloat16")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    template: Template = opt("chat", "chat: tokenizer's chat template; plain: prompt + '\\n' + response")
+    template: Template = opt("chat", "chat: tokenizer's chat template; plain: prompt + '\\n' + response (+ EOS); "
+                                     "release: prompt + '\\n' + response, no EOS (the authors' release)")
     max_length: int = opt(256, "truncate examples to this many tokens (truncations are reported)")
     drop_empty: bool = opt(False, "drop (with a warning) examples left with no response token instead of failing")
     seed: int = opt(0, "random seed")
     overwrite: bool = opt(False, "replace an existing stage folder whose metadata differs")
 
     def __post_init__(self) -> None:
-        require(self.template in get_args(Template), "template", self.template, "use chat or plain")
+        require(self.template in get_args(Template), "template", self.template, "use chat, plain or release")
         require(self.max_length >= 1, "max-length", self.max_length, "must be at least 1")
 
 
@@ -114,6 +127,11 @@ def _parse_bool(s: str) -> bool:
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--field-name`` flag per dataclass field (defaults left as SUPPRESS so YAML can fill in)."""
     parser.add_argument("--config", default=None, help="YAML file of option values (CLI flags win)")
+    usable = sorted(n for n in PRESETS if preset_values(cls, n))
+    if usable:
+        parser.add_argument("--preset", default=argparse.SUPPRESS, choices=usable,
+                            help="named settings under --config and the flags (which win); release: the authors' "
+                                 "release settings (see dualsft.config.PRESETS)")
     sections = section_fields(cls)
     _add_flags(parser, cls, [f for f in dataclasses.fields(cls) if f not in sections], "", None)
     for f in sections:
@@ -170,7 +188,7 @@ def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None 
     given.pop("func", None)
     yaml_path = given.pop("config", None)
     names = {f.name for f in dataclasses.fields(cls)}
-    values = load_yaml(yaml_path) if yaml_path else {}
+    values = merge_layers(preset_values(cls, given.pop("preset", None)), load_yaml(yaml_path) if yaml_path else {})
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"--config {yaml_path}: unknown option(s) {unknown} for {cls.__name__}; "
@@ -191,6 +209,32 @@ def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None 
         if name not in values:
             values[name] = dataclasses.replace(f.default, **_checked_options(f, nested[name]))
     return cls(**values)
+
+
+def preset_values(cls: type, name: str | None) -> dict[str, Any]:
+    """The preset's values that ``cls`` has, shaped like a YAML file of ``cls`` ({} for no preset)."""
+    if not name:
+        return {}
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, v in PRESETS[name].items():
+        if isinstance(v, dict) and key in names:
+            out[key] = dict(v)
+        elif isinstance(v, dict) and cls.__name__ == f"{key.capitalize()}Config":  # the stage's own command
+            out.update({k: w for k, w in v.items() if k in names})
+        elif not isinstance(v, dict) and key in names:
+            out[key] = v
+    return out
+
+
+def merge_layers(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """YAML-shaped values of ``high`` over ``low`` (section mappings merged key by key)."""
+    out = dict(low)
+    for k, v in high.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _section_values(f: dataclasses.Field, values: Any, where: str) -> dict[str, Any]:

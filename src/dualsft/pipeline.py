@@ -17,6 +17,7 @@ from typing import Any
 
 from dualsft.io import atomic_write_text, read_json, read_jsonl, write_json
 from dualsft.report import fmt_stat, get, histogram_plot, markdown_table
+from dualsft.selection.report import composition_table
 from dualsft.stages import RunConfig, data_files, refuse_multiprocess, run_stage, stage_config
 
 HELP = "run the whole pipeline (data, warm-up, scoring, selection, restricted training, evaluation, report)"
@@ -73,13 +74,21 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
              "## Base vs tuned\n", markdown_table(["metric", "base", "tuned (DualSFT)"], rows),
              "\nMeans ± standard deviation over examples, n examples. Exact match uses the task's own scorer on greedy "
              "generations.\n",
-             "## What was selected\n", *selection_lines(sel, scores),
+             "## What was selected\n", val_size_line(run), *selection_lines(sel, scores),
              "", "## Time per stage (s)\n", markdown_table(list(timings), [[str(v) for v in timings.values()]]),
              "## Plots\n"]
     lines += [f"![{p.stem}]({p.relative_to(run)})" for p in plots]
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def val_size_line(run: Path) -> str:
+    """One line on the size of V (the scoring target): this quick run's is small, compare's is not."""
+    val = run / "data" / "val.jsonl"
+    n = len(read_jsonl(val)) if val.exists() else None
+    return (f"- V (validation split, the scoring target): {n if n is not None else '?'} examples. This run is sized "
+            "for minutes; `dualsft compare` uses ≥ 256 (a small V can be skewed by answer type: issue 13).\n")
 
 
 def selection_lines(sel: dict, scores: dict) -> list[str]:
@@ -93,12 +102,12 @@ def selection_lines(sel: dict, scores: dict) -> list[str]:
              f"- scoring: order {scores.get('order')}, method {scores.get('method')}, uᵀG = {scores.get('uTG'):.6g}, "
              f"Σφ_param = {scores.get('sum_param'):.6g}, Σφ_data = {scores.get('sum_data'):.6g} (row–column identity)",
              ""]
-    tasks = get(data, "overlap", "task") or {}
-    if tasks:
-        rows = [[t, str(v.get("pool")), str(v.get("selected")), f"{100 * (v.get('share_of_subset') or 0):.0f}%"]
-                for t, v in sorted(tasks.items(), key=lambda kv: -kv[1].get("selected", 0))]
-        lines += ["Subset composition by pool task:\n", markdown_table(["task", "in pool", "selected", "share of subset"],
-                                                                       rows)]
+    overlap = data.get("overlap") or {}
+    if overlap.get("task"):
+        lines += ["Subset composition by pool task:\n", *composition_table(overlap, "task"), ""]
+    if overlap.get("answer_type"):
+        lines += ["Subset composition by answer type (task/answer type):\n", *composition_table(overlap, "answer_type"),
+                  ""]
     groups = param.get("per_group") or {}
     if groups:
         def count(v: Any) -> Any:
