@@ -293,7 +293,7 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     tok = load_tokenizer(scoring.model)
     by_index = {e.index: e for e in load_examples(pool_path)}
     toks = tokenize_examples([by_index[i] for i in indices], tok, scoring.template, scoring.max_length,
-                             drop_empty=False, source="pool")
+                             drop_empty=False, source="pool", loss_tokens=scoring.score_tokens)  # type: ignore[arg-type]
     params = trainable_params(model)
     pad = tok.pad_token_id
     device = next(model.parameters()).device
