@@ -285,6 +285,9 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
 
     scoring = load_settings(run / "scores")  # η, order, template, max_length of the scores: one typed record
     eta, order = scoring.eta, scoring.order
+    if scoring.data_score != "inner" and cfg.joint_rounds > 0:
+        log.warning("the scores rank examples by --data-score %s; joint refinement starts from that subset but its "
+                    "data steps rank the INNER scores ⟨u(S)⊙m, g_n⟩ (docs/method.md §7)", scoring.data_score)
     v = load_tensors(run / "scores" / "v.safetensors")
     c = load_tensors(curvature_path(smeta, run)) if order == 2 else None
     _check_same_shapes(mask.shapes, v, "scores/v.safetensors")
