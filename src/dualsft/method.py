@@ -9,6 +9,9 @@ exp_avg_sq), u, φ_param. No paths, no logging, no devices chosen here: tensors 
     φ_param  = u ⊙ G                                              param_scores (float32), interaction (float64)
     t(S)     = u(S) ⊙ G_S,   u(S) = η v − ½ η² c ⊙ G_S           subset_term (joint refinement's ranking)
     I(m, S)  = Σ_j m_j t_j(S) = η vᵀ(m⊙G_S) − ½η² Σ_j m_j c_j G_Sj²    surrogate_improvement
+Scoring variants (docs/method.md §4 "Scoring variants"):
+    φ_data cosine = ⟨u, g_n⟩ / ‖g_n‖                                cosine_scores
+    v_new normalized = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖ = Σ_q w_q g_q   normalized_target_weights
 """
 
 from __future__ import annotations
@@ -147,3 +150,21 @@ def combine_u(v_new: Mapping[str, torch.Tensor], v_prior: Mapping[str, torch.Ten
     v = combine_v(v_new, v_prior, lambda_new, lambda_prior)
     u = direction_u(v, eta, order, c, G)
     return u, v, u_term_norms(v_new, v_prior, c, G, u, eta, lambda_new, lambda_prior, order)
+
+
+def cosine_scores(inner: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """φ_data cosine [N] = ⟨u, g_n⟩ / ‖g_n‖ from the inner scores [N] and ‖g_n‖² [N] (0 where g_n = 0)."""
+    norms = sq_norms.double().clamp_min(0).sqrt()
+    return torch.where(norms > 0, inner.double() / norms.clamp_min(torch.finfo(torch.float64).tiny),
+                       torch.zeros_like(norms))
+
+
+def normalized_target_weights(norms: torch.Tensor) -> torch.Tensor:
+    """w_q [Q] with Σ_q w_q g_q = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖ (the normalized v_new): LESS's direction
+    of unit-normalised target gradients, rescaled to the mean gradient's typical size so that λ_prior keeps
+    its meaning (unscaled, it is ~30x smaller than v_prior on SmolLM2). ``norms``: ‖g_q‖ [Q], all > 0."""
+    norms = norms.double()
+    if not bool((norms > 0).all()):
+        raise ConfigError("--target-gradient normalized: a target example has a zero gradient (‖g_q‖ = 0); "
+                          "drop it or use --target-gradient mean")
+    return norms.mean() / (len(norms) * norms)

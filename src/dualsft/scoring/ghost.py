@@ -33,6 +33,7 @@ import torch
 from torch.func import functional_call
 
 from dualsft.errors import ConfigError
+from dualsft.scoring.norms import SquaredNorms, bias_factor, weight_factor
 
 
 def _conv1d_type() -> type | None:
@@ -115,7 +116,8 @@ class GhostScorer:
     ``u`` maps parameter names (as in named_parameters) to directions shaped like the parameters.
     """
 
-    def __init__(self, model: torch.nn.Module, u: Mapping[str, torch.Tensor], weight_grads: bool = True):
+    def __init__(self, model: torch.nn.Module, u: Mapping[str, torch.Tensor], weight_grads: bool = True,
+                 norms: bool = False):
         self.model = model
         self.weight_grads = weight_grads
         by_id = {id(p): n for n, p in model.named_parameters()}
@@ -125,10 +127,12 @@ class GhostScorer:
         for n, p in model.named_parameters():
             if n in u:
                 self.u_by_id[id(p)] = u[n].to(device=p.device, dtype=self.compute_dtype)
+        # ``norms``: also ‖g_n‖² over EVERY trainable parameter (norms.py), whether u covers it or not
+        self.tapped_ids = set(self.u_by_id) | ({id(p) for p in model.parameters() if p.requires_grad} if norms else set())
         self.modules: list[tuple[str, torch.nn.Module, str]] = []
-        covered = set()
+        uses: dict[int, int] = {}
         for mname, mod in model.named_modules():
-            own = [p for p in mod.parameters(recurse=False) if id(p) in self.u_by_id]
+            own = [p for p in mod.parameters(recurse=False) if id(p) in self.tapped_ids]
             if not own:
                 continue
             kind = module_kind(mod)
@@ -137,16 +141,25 @@ class GhostScorer:
                 raise ConfigError(f"--method ghost has no rule for module {mname!r} ({type(mod).__name__}) that owns "
                                   f"{names}; use --method jvp (exact for every parameter type)")
             self.modules.append((mname, mod, kind))
-            covered.update(id(p) for p in own)
-        missing = [by_id[i] for i in self.u_by_id if i not in covered]
+            for p in own:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        missing = [by_id[i] for i in self.tapped_ids if i not in uses]
         if missing:
             raise ConfigError(f"--method ghost found no module owning {missing[:3]}; use --method jvp")
+        self.norms = SquaredNorms(uses) if norms else None
         self.scores: torch.Tensor | None = None
         self._verified: set[int] = set()
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """Start a new batch: zero the per-example accumulator."""
         self.scores = torch.zeros(batch_size, dtype=torch.float64, device=device)
+        if self.norms is not None:
+            self.norms.reset(batch_size, device)
+
+    def squared_norms(self) -> torch.Tensor:
+        """‖g_n‖² [B] (float64) of the batch just backpropagated (built with ``norms=True``)."""
+        assert self.norms is not None, "built without norms=True"
+        return self.norms.finish()
 
     @contextmanager
     def installed(self, model: torch.nn.Module) -> Any:
@@ -182,6 +195,11 @@ class GhostScorer:
         if Ub is not None:
             total += (e.reshape(B, -1, e.shape[-1]).sum(1) @ Ub).double()
         self.scores += total
+        if self.norms is not None:
+            if id(mod.weight) in self.tapped_ids:
+                self.norms.add(mod.weight, weight_factor(kind, mod, x, e))
+            if isinstance(b, torch.Tensor) and id(b) in self.tapped_ids:
+                self.norms.add(b, bias_factor(e))
 
 
 @contextlib.contextmanager

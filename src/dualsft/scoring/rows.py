@@ -75,22 +75,30 @@ def row_accumulators(model: torch.nn.Module, grad_sum: bool, acc_dtype: torch.dt
 
 
 def row_step(model: torch.nn.Module, u: Mapping[str, torch.Tensor], method: str = "ghost",
-             grad_sum: bool = False) -> Step:
+             grad_sum: bool = False, norms: bool = False) -> Step:
     """The per-batch function of a row pass: rows "scores" = ⟨u, g_n⟩ and "losses" = l_n ([B] float64)
-    and, with ``grad_sum``, the batch's gradient sum added to G."""
+    and, with ``grad_sum``, the batch's gradient sum added to G. ``norms``: also the row "sq_norms" =
+    ‖g_n‖² over every trainable parameter (exact; ghost: norms.py's Gram identities, exact: the oracle;
+    jvp has none and raises)."""
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
+    if norms and method == "jvp":
+        raise ConfigError("per-example gradient norms (--data-score cosine, --target-gradient normalized) need "
+                          "--method ghost or exact, not jvp")
     params = trainable_params(model)
     u = {n: t for n, t in u.items() if n in params}
     device = next(iter(params.values())).device
-    ghost = GhostScorer(model, u, weight_grads=grad_sum) if method == "ghost" else None
+    ghost = GhostScorer(model, u, weight_grads=grad_sum, norms=norms) if method == "ghost" else None
     batch_fn = {"jvp": _jvp_batch, "ghost": _ghost_batch, "exact": _exact_batch}[method]
 
     def step(batch: Batch) -> BatchOut:
         inputs = model_inputs(batch, device)
-        scores, losses, grads = batch_fn(model, inputs, params, u, grad_sum, ghost=ghost)
+        sq: list[torch.Tensor] = []
+        scores, losses, grads = batch_fn(model, inputs, params, u, grad_sum, ghost=ghost, sq_norms=sq if norms else None)
         check_finite(losses, batch)
         rows = {"scores": scores.detach().double(), "losses": losses.detach().double()}
+        if norms:
+            rows["sq_norms"] = sq[0].detach().double()
         return BatchOut(int(inputs["input_ids"].shape[0]), sums=grads or {}, rows=rows)
 
     return step
@@ -144,7 +152,7 @@ def _jvp_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch
 
 def _ghost_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
                  u: Mapping[str, torch.Tensor], grad_sum: bool, ghost: GhostScorer | None = None,
-                 **_: Any) -> RowOut:
+                 sq_norms: list[torch.Tensor] | None = None, **_: Any) -> RowOut:
     """Per-example inner products accumulated by hooks inside one batched backward (ghost.py)."""
     assert ghost is not None
     ghost.reset(int(inputs["input_ids"].shape[0]), inputs["input_ids"].device)
@@ -156,14 +164,18 @@ def _ghost_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, tor
         else:
             losses.sum().backward()  # parameters are frozen here: activation gradients only
     assert ghost.scores is not None
+    if sq_norms is not None:
+        sq_norms.append(ghost.squared_norms())
     return ghost.scores, losses, grads
 
 
 def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
-                 u: Mapping[str, torch.Tensor], grad_sum: bool, **_: Any) -> RowOut:
+                 u: Mapping[str, torch.Tensor], grad_sum: bool, sq_norms: list[torch.Tensor] | None = None,
+                 **_: Any) -> RowOut:
     """THE ORACLE: each example alone (padding cut off), one backward each, ⟨u, g_n⟩ summed in float64
-    (and, with ``grad_sum``, the examples' gradients summed in the parameters' dtype)."""
-    scores, losses = [], []
+    (and, with ``grad_sum``, the examples' gradients summed in the parameters' dtype; with ``sq_norms``,
+    ‖g_n‖² in float64 appended to it)."""
+    scores, losses, sq = [], [], []
     G: ParamDict | None = {} if grad_sum else None
     for b in range(inputs["input_ids"].shape[0]):
         keep = inputs["attention_mask"][b].bool()  # real tokens are contiguous (left or right padding)
@@ -171,6 +183,7 @@ def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, tor
         loss = per_example_loss(model, one)[0]
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         s = torch.zeros((), dtype=torch.float64, device=loss.device)
+        sq.append(sum((g.double().pow(2).sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64, device=loss.device)))
         for n, g in zip(params, grads):
             if g is None:
                 continue
@@ -180,4 +193,6 @@ def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, tor
                 G[n] = G[n] + g if n in G else g
         scores.append(s)
         losses.append(loss.detach())
+    if sq_norms is not None:
+        sq_norms.append(torch.stack(sq))
     return torch.stack(scores), torch.stack(losses), G

@@ -4,10 +4,13 @@
 
 Passes (each with a progress bar in examples/s; wall time recorded):
     target     v_new = mean target gradient                        (one backward per batch)
+               (--target-gradient normalized: a target_norms pass for ‖g_q‖ first, then a weighted backward)
     anchor     v_prior = ∇ τ²·weighted KL(θ0 || θw) on the anchors  (skipped when λ_prior = 0, or at θ0
                where it is exactly zero)
     order 1:   pool       G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
     order 2:   pool_G     G = Σ_n g_n;   then u = ηv − ½η² c⊙G;   pool_rows  φ_data = ⟨u, g_n⟩
+    --data-score cosine: the row pass also gives ‖g_n‖² (scoring/norms.py) and "score" = ⟨u, g_n⟩/‖g_n‖
+    --score-tokens answer: every pass's loss covers the answer's own tokens (no template end tokens)
 Every pass runs on scoring/passes.py; u and φ_param are dualsft/method.py's.
 Data parallel (``torchrun --nproc_per_node N -m dualsft score ...``): the target, anchor and pool examples
 are sharded across ranks (``dualsft.distributed.shard``); v_new, v_prior and G are all-reduced as SUMS and
@@ -42,7 +45,8 @@ from dualsft import distributed as dist
 from dualsft.data.formats import TokenizedExample
 from dualsft.errors import ConfigError, MetadataMismatchError
 from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
-from dualsft.method import check_order, combine_u, interaction, missing_curvature, param_scores
+from dualsft.method import (check_order, combine_u, cosine_scores, interaction, missing_curvature,
+                            normalized_target_weights, param_scores)
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
@@ -51,7 +55,7 @@ from dualsft.scoring.prior import normalise_prior, prior_accumulators, prior_nor
 from dualsft.scoring.progress import PROGRESS_DIR
 from dualsft.scoring.rows import row_accumulators, row_step
 from dualsft.scoring.settings import ScoreConfig, ScoringSettings, save_settings
-from dualsft.scoring.stats import gradient_step, trainable_params, zeros_like_params
+from dualsft.scoring.stats import gradient_step, trainable_params, weighted_gradient_step, zeros_like_params
 from dualsft.scoring.warmup import warmup_state
 
 log = logging.getLogger(__name__)
@@ -97,9 +101,7 @@ def main(cfg: ScoreConfig) -> int:
                   progress_dir=inp.out / PROGRESS_DIR if cfg.checkpoint_every > 0 else None,
                   every=cfg.checkpoint_every)
 
-    # v_new = mean target gradient: shard sums all-reduced, then ÷ the GLOBAL |V|
-    target_sum = run("target", inp.target, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
-    v_new = {n: g / len(inp.target) for n, g in target_sum.items()}
+    v_new, target_norms = target_direction(cfg, model, params, inp.target, run, acc_dtype)
     anchors = anchor_positions(cfg, inp, skipped)
     v_prior = None
     if anchors:  # v_prior = τ²Σw∇KL ÷ Z(global Σw)
@@ -111,23 +113,46 @@ def main(cfg: ScoreConfig) -> int:
     for s in skipped:
         log.info("skipped %s", s)
 
+    cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
+    rows = ROWS + (("sq_norms",) if cosine else ())
     if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
         u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1)
-        pool = run("pool", inp.pool, row_step(model, u, cfg.method, grad_sum=True),
-                   row_accumulators(model, True, acc_dtype), row_names=ROWS)
+        pool = run("pool", inp.pool, row_step(model, u, cfg.method, grad_sum=True, norms=cosine),
+                   row_accumulators(model, True, acc_dtype), row_names=rows)
         G = pool.sums
     else:  # G = Σ_n g_n over the whole pool first; then u = ηv − ½η²c⊙G; then φ_data = ⟨u, g_n⟩
         G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
         warn_missing_curvature(v_new, inp.c)
         u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2)
-        pool = run("pool_rows", inp.pool, row_step(model, u, cfg.method), {}, row_names=ROWS)
+        pool = run("pool_rows", inp.pool, row_step(model, u, cfg.method, norms=cosine), {}, row_names=rows)
     phi = param_scores(u, G)
     if ctx.is_main:  # rank 0 writes; the others wait for it and leave
-        stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms}
+        stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms, "target_norms": target_norms}
         write_scores(cfg, inp, stats, pool.rows, {"timings": timings, "skipped": skipped, "anchors": anchors,
                                                   "world_size": ctx.world_size, "t_start": t_start})
     dist.barrier()
     return 0
+
+
+def target_direction(cfg: ScoreConfig, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                     target: list[TokenizedExample], run: Any, acc_dtype: torch.dtype
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """v_new and (for ``--target-gradient normalized``) the target gradients' norms ‖g_q‖ [Q].
+
+    mean: v_new = Σ_q g_q ÷ the GLOBAL |V| (shard sums all-reduced first). normalized: a norm pass (the
+    ghost pass's exact ‖g_q‖, norms.py; the oracle with --method exact) gives w_q = mean‖g‖ / (Q‖g_q‖),
+    then ONE weighted summed-loss backward per batch gives v_new = Σ_q w_q g_q (method.py)."""
+    if cfg.target_gradient == "mean":
+        target_sum = run("target", target, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
+        return {n: g / len(target) for n, g in target_sum.items()}, None
+    norm_method = "exact" if cfg.method == "exact" else "ghost"
+    sq = run("target_norms", target, row_step(model, {}, norm_method, norms=True), {}, row_names=("sq_norms",))
+    target_norms = sq.rows["sq_norms"].sqrt()  # [Q], target order
+    w = normalized_target_weights(target_norms)
+    weights = {t.index: float(w[i]) for i, t in enumerate(target)}
+    v_new = run("target", target, weighted_gradient_step(model, params, weights),
+                zeros_like_params(params, acc_dtype)).sums
+    return v_new, target_norms
 
 
 def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
@@ -215,10 +240,20 @@ def coverage(model: torch.nn.Module) -> dict[str, Any]:
             "tied_aliases": [n for n, _ in all_named if n not in unique]}
 
 
-def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.Tensor) -> list[dict[str, Any]]:
-    """data_scores.jsonl rows in POOL order from φ_data [N] and l [N] in pool order."""
-    return [{"index": t.index, "score": float(scores[i]), "loss": float(losses[i]), "tokens": t.n_response_tokens,
-             "length": len(t.input_ids), "truncated": t.truncated} for i, t in enumerate(toks)]
+def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.Tensor,
+              sq_norms: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """data_scores.jsonl rows in POOL order from φ_data [N] and l [N] in pool order. With ‖g_n‖² [N]
+    (``--data-score cosine``), "score" (what selection ranks) is the cosine ⟨u, g_n⟩/‖g_n‖ and the rows also
+    carry "inner" = ⟨u, g_n⟩ and "grad_norm" = ‖g_n‖."""
+    ranked = scores if sq_norms is None else cosine_scores(scores, sq_norms)
+    out = []
+    for i, t in enumerate(toks):
+        row = {"index": t.index, "score": float(ranked[i]), "loss": float(losses[i]), "tokens": t.n_response_tokens,
+               "length": len(t.input_ids), "truncated": t.truncated}
+        if sq_norms is not None:
+            row.update(inner=float(scores[i]), grad_norm=float(sq_norms[i].clamp_min(0).sqrt()))
+        out.append(row)
+    return out
 
 
 def write_scores(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], rows: dict[str, torch.Tensor],
@@ -229,13 +264,20 @@ def write_scores(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], ro
     save_tensors(out / FILES["u"], {n: t.float() for n, t in u.items()}, metadata={"what": "u"})
     save_tensors(out / FILES["v"], {n: t.float() for n, t in stats["v"].items()}, metadata={"what": "v"})
     save_tensors(out / FILES["grad_sum"], {n: t.float() for n, t in G.items()}, metadata={"what": "G"})
-    write_jsonl(out / FILES["data_scores"], pool_rows(inp.pool, rows["scores"], rows["losses"]))
+    write_jsonl(out / FILES["data_scores"], pool_rows(inp.pool, rows["scores"], rows["losses"], rows.get("sq_norms")))
     save_settings(out, ScoringSettings.from_config(cfg, scored_at(inp.at_theta0)))
     summary = score_summary(cfg, inp, stats, rows, info)
     write_json(out / FILES["summary"], summary)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # every output is written: nothing left to resume
     log.info("uᵀG = %.6e  Σφ_param = %.6e  Σφ_data = %.6e  (%d examples, %s, order %d)", summary["uTG"],
              summary["sum_param"], summary["sum_data"], len(inp.pool), cfg.method, cfg.order)
+
+
+def target_norm_summary(norms: torch.Tensor | None) -> dict[str, Any]:
+    """Mean / min / max of ‖g_q‖ over the target set (``--target-gradient normalized`` only)."""
+    if norms is None:
+        return {}
+    return {"target_grad_norm": {"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}}
 
 
 def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], rows: dict[str, torch.Tensor],
@@ -246,7 +288,9 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
     return {
         "uTG": sum(float(interaction(u[n], G[n]).sum()) for n in u),
         "sum_param": sum(float(t.double().sum()) for t in stats["phi"].values()),
-        "sum_data": float(rows["scores"].sum()),
+        "sum_data": float(rows["scores"].sum()),  # Σ ⟨u, g_n⟩ (the INNER scores, whatever --data-score ranks)
+        "score_tokens": cfg.score_tokens, "data_score": cfg.data_score, "target_gradient": cfg.target_gradient,
+        **target_norm_summary(stats.get("target_norms")),
         "order": cfg.order, "eta": cfg.eta, "lambda_new": cfg.lambda_new, "lambda_prior": cfg.lambda_prior,
         "tau": cfg.tau, "confidence": cfg.confidence, "prior_normalisation": cfg.prior_normalisation,
         "method": cfg.method, "stats_dtype": cfg.stats_dtype, "scored_at": scored_at(inp.at_theta0),
@@ -256,5 +300,6 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "skipped": info["skipped"], "mean_pool_loss": float(rows["losses"].mean()), "files": FILES,
         "wall_time_s": time.time() - info["t_start"], "world_size": info["world_size"],
         "file_meaning": {"param_scores": "phi_param = u*G", "u": "u", "v": "v = lambda_new v_new + lambda_prior "
-                         "v_prior", "grad_sum": "G = sum_n g_n over the pool", "data_scores": "phi_data[n] = <u, g_n>"},
+                         "v_prior", "grad_sum": "G = sum_n g_n over the pool", "data_scores": "phi_data[n] = <u, g_n>" if cfg.data_score == "inner" else
+                         "score = <u, g_n> / |g_n| (cosine); inner = <u, g_n>; grad_norm = |g_n|"},
     }

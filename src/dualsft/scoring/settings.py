@@ -41,6 +41,18 @@ class ScoreConfig(CommonConfig):
         "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic), exact (one backward per example; slow)")
     curvature: str = opt("", "safetensors file of c per parameter (default: RUN/warmup/exp_avg_sq.safetensors)")
     stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
+    # named scoring variants (docs/method.md §4 "Scoring variants"); the defaults are the paper's formulas
+    score_tokens: Literal["response", "answer"] = opt(
+        "response", "tokens whose loss the SCORING passes use (target, anchors, pool): response = every "
+        "response token the template trains (with the chat template's end-of-turn tokens); answer = the "
+        "answer's own tokens only. Training is unaffected")
+    data_score: Literal["inner", "cosine"] = opt(
+        "inner", "φ_data ranking score: inner = ⟨u, g_n⟩; cosine = ⟨u, g_n⟩ / ‖g_n‖ with exact per-example "
+        "gradient norms over all trainable parameters (needs --method ghost or exact)")
+    target_gradient: Literal["mean", "normalized"] = opt(
+        "mean", "v_new: mean = mean target gradient; normalized = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖, LESS's "
+        "normalised direction RESCALED to the mean gradient's typical size so that λ_prior keeps its meaning "
+        "(unscaled it is ~30x smaller than v_prior on SmolLM2 and the prior takes over); one extra target pass")
     checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
                                 "so a rerun resumes after a kill (0: off)")
 
@@ -53,6 +65,12 @@ class ScoreConfig(CommonConfig):
         require(self.lambda_prior >= 0, "lambda-prior", self.lambda_prior, "a weight is >= 0")
         require(0 <= self.anchor_ratio <= 1, "anchor-ratio", self.anchor_ratio, "a fraction of the pool in [0, 1]")
         require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
+        require(self.score_tokens in ("response", "answer"), "score-tokens", self.score_tokens, "use response or answer")
+        require(self.data_score in ("inner", "cosine"), "data-score", self.data_score, "use inner or cosine")
+        require(self.target_gradient in ("mean", "normalized"), "target-gradient", self.target_gradient,
+                "use mean or normalized")
+        require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
+                "cosine needs per-example gradient norms: use --method ghost (default) or exact")
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,9 @@ class ScoringSettings:
     method: str                # row scores: ghost | jvp | exact
     stats_dtype: str           # float32 | float64 accumulators
     seed: int
+    score_tokens: str          # scoring variants (docs/method.md §4): response | answer
+    data_score: str            # inner | cosine
+    target_gradient: str       # mean | normalized
 
     @classmethod
     def from_config(cls, cfg: Any, scored_at: str) -> ScoringSettings:
@@ -94,7 +115,10 @@ def load_settings(scores_dir: str | Path) -> ScoringSettings:
     folder = Path(scores_dir)
     path = folder / SETTINGS_FILE
     if path.exists():
-        return ScoringSettings(**json.loads(path.read_text()))
+        # fields added later (the scoring variants) take `dualsft score`'s defaults in older files
+        defaults = asdict(ScoreConfig())
+        saved = json.loads(path.read_text())
+        return ScoringSettings(**{f.name: saved.get(f.name, defaults.get(f.name)) for f in fields(ScoringSettings)})
     meta = json.loads((folder / "metadata.json").read_text())
     return ScoringSettings(**_from_metadata(meta))
 

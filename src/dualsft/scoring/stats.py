@@ -64,6 +64,23 @@ def gradient_step(model: torch.nn.Module, params: Mapping[str, torch.nn.Paramete
     return step
 
 
+def weighted_gradient_step(model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],
+                           weights: Mapping[int, float]) -> Step:
+    """The per-batch function of a weighted pass: ∇_θ Σ_{n∈B} w_n l_n(θ), ``weights`` keyed by the examples'
+    stable index (the normalized v_new, docs/method.md §4 "Scoring variants"): one summed-loss backward."""
+    names, tensors = list(params), list(params.values())
+    device = tensors[0].device
+
+    def step(batch: Batch) -> BatchOut:
+        losses = per_example_loss(model, model_inputs(batch, device))  # [B]
+        check_finite(losses, batch)
+        w = torch.tensor([weights[int(i)] for i in batch["index"]], dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad((w * losses).sum(), tensors, allow_unused=True)
+        return BatchOut(len(losses), sums={n: g for n, g in zip(names, grads) if g is not None})
+
+    return step
+
+
 def gradient_sum(model: torch.nn.Module, batches: Iterable[Batch], params: Mapping[str, torch.nn.Parameter],
                  acc_dtype: torch.dtype = torch.float32, progress: object | None = None,
                  checkpoint: PassCheckpoint | None = None) -> ParamDict:

@@ -285,6 +285,9 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
 
     scoring = load_settings(run / "scores")  # η, order, template, max_length of the scores: one typed record
     eta, order = scoring.eta, scoring.order
+    if scoring.data_score != "inner" and cfg.joint_rounds > 0:
+        log.warning("the scores rank examples by --data-score %s; joint refinement starts from that subset but its "
+                    "data steps rank the INNER scores ⟨u(S)⊙m, g_n⟩ (docs/method.md §7)", scoring.data_score)
     v = load_tensors(run / "scores" / "v.safetensors")
     c = load_tensors(curvature_path(smeta, run)) if order == 2 else None
     _check_same_shapes(mask.shapes, v, "scores/v.safetensors")
@@ -293,7 +296,7 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     tok = load_tokenizer(scoring.model)
     by_index = {e.index: e for e in load_examples(pool_path)}
     toks = tokenize_examples([by_index[i] for i in indices], tok, scoring.template, scoring.max_length,
-                             drop_empty=False, source="pool")
+                             drop_empty=False, source="pool", loss_tokens=scoring.score_tokens)  # type: ignore[arg-type]
     params = trainable_params(model)
     pad = tok.pad_token_id
     device = next(model.parameters()).device
