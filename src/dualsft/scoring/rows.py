@@ -183,7 +183,8 @@ def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, tor
         loss = per_example_loss(model, one)[0]
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         s = torch.zeros((), dtype=torch.float64, device=loss.device)
-        sq.append(sum((g.double().pow(2).sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64, device=loss.device)))
+        zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+        sq.append(sum((g.double().pow(2).sum() for g in grads if g is not None), zero))
         for n, g in zip(params, grads):
             if g is None:
                 continue

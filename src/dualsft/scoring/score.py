@@ -45,8 +45,15 @@ from dualsft import distributed as dist
 from dualsft.data.formats import TokenizedExample
 from dualsft.errors import ConfigError, MetadataMismatchError
 from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
-from dualsft.method import (check_order, combine_u, cosine_scores, interaction, missing_curvature,
-                            normalized_target_weights, param_scores)
+from dualsft.method import (
+    check_order,
+    combine_u,
+    cosine_scores,
+    interaction,
+    missing_curvature,
+    normalized_target_weights,
+    param_scores,
+)
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
@@ -300,6 +307,7 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "skipped": info["skipped"], "mean_pool_loss": float(rows["losses"].mean()), "files": FILES,
         "wall_time_s": time.time() - info["t_start"], "world_size": info["world_size"],
         "file_meaning": {"param_scores": "phi_param = u*G", "u": "u", "v": "v = lambda_new v_new + lambda_prior "
-                         "v_prior", "grad_sum": "G = sum_n g_n over the pool", "data_scores": "phi_data[n] = <u, g_n>" if cfg.data_score == "inner" else
+                         "v_prior", "grad_sum": "G = sum_n g_n over the pool",
+                         "data_scores": "phi_data[n] = <u, g_n>" if cfg.data_score == "inner" else
                          "score = <u, g_n> / |g_n| (cosine); inner = <u, g_n>; grad_norm = |g_n|"},
     }
