@@ -216,7 +216,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.worker:
         return worker(args)
-    results: dict[str, Any] = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    # the output path is recorded relative to where the bench ran: results never name this machine's folders
+    config = {**vars(args), "out": os.path.relpath(args.out)}
+    results: dict[str, Any] = {"config": config, "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name in args.models.split(","):
         if args.memory_only:
             print(json.dumps({name: memory_all(args, name)}), flush=True)
