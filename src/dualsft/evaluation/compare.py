@@ -277,8 +277,8 @@ def score_seed(cfg: CompareConfig, out: Path, seed: int, variants: list[str], fi
         d = root if not v else root.with_name(f"seed{seed}@{v}")
         if v:
             d.mkdir(parents=True, exist_ok=True)
-            if not (d / "warmup").exists():
-                (d / "warmup").symlink_to((root / "warmup").resolve(), target_is_directory=True)
+            if not (d / "warmup").exists():  # a relative link, so the run folder can move
+                (d / "warmup").symlink_to(Path("..") / root.name / "warmup", target_is_directory=True)
         run_stage(f"score seed {seed}{'@' + v if v else ''}", score.main,
                   stage_config(variant_score(cfg.score, v), pool=pool, target=val, seed=seed, run_dir=str(d)), {})
         dirs[v] = d
