@@ -10,6 +10,7 @@ Writes RUN/warmup/:
     warmup_indices.json       {"indices": stable example indices used, "positions": their pool positions}
     summary.json              steps, examples, mean loss per step, wall time, fingerprint of θw
     metadata.json
+    tensorboard/              with --report-to tensorboard: loss, lr, grad norm, tokens/s per step
 ``--warmup-ratio 0`` trains nothing and writes only warmup_indices.json/summary.json: `dualsft score` then
 scores at θ0, where only --order 1 is available unless --curvature FILE is given.
 Defaults follow the release: 10% of the pool, 1 epoch, lr 2e-5, weight decay 0, constant LR, effective
@@ -41,6 +42,7 @@ from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.training.loop import TrainResult, TrainSettings, chained_epoch_order, train_restricted
+from dualsft.training.reporting import REPORT_TO_HELP, RESULT_NEUTRAL, Reporter, ReportTo, make_reporter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class WarmupConfig(CommonConfig):
     weight_decay: float = opt(0.0, "AdamW weight decay")
     batch_size: int = opt(16, "effective batch: examples per optimizer step")
     micro_batch_size: int = opt(4, "examples per forward/backward (gradient accumulation fills the batch)")
+    report_to: ReportTo = opt("none", REPORT_TO_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,12 +89,13 @@ def warmup_settings(cfg: WarmupConfig, progress: bool = True) -> TrainSettings:
 
 
 def warm_up(model: torch.nn.Module, toks: list[TokenizedExample], pad_token_id: int, cfg: WarmupConfig,
-            progress: bool = True) -> TrainResult:
+            progress: bool = True, reporter: Reporter | None = None) -> TrainResult:
     """Train ``model`` (θ0 -> θw, in place) on ``toks``; ``result.exp_avg_sq`` is c (docs/method.md §3): raw Adam
-    second moments, float32, keyed like ``trainable_params``; ``result.metrics[i]["loss"]`` the step losses."""
+    second moments, float32, keyed like ``trainable_params``; ``result.metrics[i]["loss"]`` the step losses.
+    ``reporter`` (``reporting.make_reporter``) gets each step's scalars; the caller closes it."""
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size)
     return train_restricted(model, toks, None, warmup_settings(cfg, progress), pad_token_id,
-                            order=chained_epoch_order, keep_exp_avg_sq=True)
+                            order=chained_epoch_order, keep_exp_avg_sq=True, reporter=reporter)
 
 
 def main(cfg: WarmupConfig) -> int:
@@ -99,15 +103,16 @@ def main(cfg: WarmupConfig) -> int:
     t0 = time.time()
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size)  # before anything is written
     ctx = dist.dist_context(cfg.device)
+    out = Path(cfg.run_dir) / "warmup"
+    reporter = make_reporter(cfg.report_to, out / "tensorboard")  # a missing tensorboard fails before any work
     tokenizer = load_tokenizer(cfg.model)
     pool = load_split(cfg.pool, tokenizer, cfg, "pool")
     positions = sample_positions(len(pool), cfg.warmup_ratio, cfg.seed)
     base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation="sdpa")
     meta = build_metadata("warmup", cfg, model_id=cfg.model, model_fingerprint=model_fingerprint(base),
                           data_files={"pool": cfg.pool})
-    out = Path(cfg.run_dir) / "warmup"
     if ctx.is_main:  # one writer; the other ranks wait until the folder is ready
-        out = prepare_stage_dir(cfg.run_dir, "warmup", meta, cfg.overwrite)
+        out = prepare_stage_dir(cfg.run_dir, "warmup", meta, cfg.overwrite, ignore=(RESULT_NEUTRAL,))
     dist.barrier()
     done = (out / "summary.json").exists() and (cfg.warmup_ratio == 0 or (out / "exp_avg_sq.safetensors").exists())
     dist.barrier()  # every rank has decided before rank 0 writes anything below
@@ -126,7 +131,10 @@ def main(cfg: WarmupConfig) -> int:
         return 0
     log.info("warm-up on %d of %d pool examples (ratio %g, seed %d)", len(positions), len(pool), cfg.warmup_ratio,
              cfg.seed)
-    result = warm_up(base, [pool[i] for i in positions], tokenizer.pad_token_id, cfg)
+    try:
+        result = warm_up(base, [pool[i] for i in positions], tokenizer.pad_token_id, cfg, reporter=reporter)
+    finally:
+        reporter.close()
     step_losses = [m["loss"] for m in result.metrics]
     model_dir = Path(out) / "model"
     if not ctx.is_main:  # every rank holds the same θw; rank 0 writes it

@@ -42,6 +42,7 @@ from dualsft.errors import ConfigError, NonFiniteLossError
 from dualsft.losses import per_example_loss
 from dualsft.training.checkpoint import load_checkpoint, save_checkpoint
 from dualsft.training.optim import AdamWHyper, DenseAdamW, SparseAdamW, Updater
+from dualsft.training.reporting import NullReporter, Reporter, scalars_of
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ def accumulate_grads(model: torch.nn.Module, micro_batches: list[dict[str, torch
 def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample], mask: dict[str, torch.Tensor] | None,
                      settings: TrainSettings, pad_token_id: int, loss_fn: LossFn = per_example_loss,
                      checkpoint_dir: str | Path | None = None, stop_after_steps: int | None = None,
-                     order: EpochOrder = epoch_order, keep_exp_avg_sq: bool = False) -> TrainResult:
+                     order: EpochOrder = epoch_order, keep_exp_avg_sq: bool = False,
+                     reporter: Reporter | None = None) -> TrainResult:
     """Fine-tune ``model`` (θ0) on ``examples``, updating only the entries of ``mask`` (sparse /
     dense-masked) or every weight (full) or LoRA adapters (lora).
 
@@ -254,6 +256,8 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         order: the data order per epoch (a resumed run must use the same one).
         keep_exp_avg_sq: hand back Adam's raw second moments in ``TrainResult.exp_avg_sq`` (the warm-up's
             curvature c, docs/method.md §3); off by default, since a float32 CPU copy of d numbers is costly.
+        reporter: gets each step's ``reporting.scalars_of(metrics row)`` (loss, lr, grad norm, tokens/s);
+            the caller opens and closes it (``reporting.make_reporter``). None: no reporting.
     Returns:
         TrainResult (``completed`` False if stopped early).
     """
@@ -276,6 +280,7 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
             log.info("resumed from checkpoint at step %d of %d", state["step"], total)
     t_start = time.time() - state["elapsed"]
     bar = _progress(settings.progress and dist.is_main(), total, state["step"])
+    reporter = reporter if reporter is not None else NullReporter()
     try:
         done_here = 0
         while state["step"] < total and (stop_after_steps is None or done_here < stop_after_steps):
@@ -304,6 +309,7 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
             state["metrics"].append({"step": s + 1, "epoch": (s + 1) / steps_per_epoch(n, settings), "loss": loss,
                                      "lr": lr, "grad_norm": norm, "tokens": state["tokens"], "examples": len(pos),
                                      "time": round(state["elapsed"], 3)})
+            reporter.log_scalars(s + 1, scalars_of(state["metrics"][-1]))
             done_here += 1
             _bar_update(bar, loss, state)
             if (ckpt is not None and settings.checkpoint_every > 0 and (s + 1) % settings.checkpoint_every == 0

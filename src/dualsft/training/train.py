@@ -6,7 +6,8 @@
     dualsft train --run-dir runs/demo --method lora         # LoRA baseline (r=16, alpha=32, lr 2e-4)
 
 Writes RUN/train/ (or --out): delta.safetensors (LoRA: adapter/), adapter.json, metrics.jsonl,
-loss_curve.png, metadata.json; checkpoints/ while running (a rerun of the same command resumes).
+loss_curve.png, metadata.json; checkpoints/ while running (a rerun of the same command resumes);
+tensorboard/ with --report-to tensorboard (`tensorboard --logdir RUN`).
 
 Data parallel on N processes (each step's examples sharded; only the selected entries' gradients are
 all-reduced for sparse training; rank 0 writes everything):
@@ -32,6 +33,8 @@ from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.training.checkpoint import clear_checkpoints
 from dualsft.training.delta import DELTA_FILE, LORA_DIR, extract_delta, save_delta
 from dualsft.training.loop import TrainResult, TrainSettings, resolved_lr, train_restricted
+from dualsft.training.reporting import REPORT_TO_HELP, ReportTo, make_reporter
+from dualsft.training.reporting import RESULT_NEUTRAL as REPORTING
 
 HELP = "fine-tune the base model on the selected subset, updating only the selected parameter entries"
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class TrainConfig(TrainSettings, CommonConfig):
     out: str | None = opt(None, "output folder; default RUN/train")
     keep_checkpoints: bool = opt(False, "keep checkpoints/ after a successful run")
     attn_implementation: str = opt("sdpa", "attention kernel for training: sdpa or eager")
+    report_to: ReportTo = opt("none", REPORT_TO_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,7 +61,8 @@ class TrainConfig(TrainSettings, CommonConfig):
 
 CONFIG = TrainConfig
 # Options that do not change the trained weights: a rerun that differs only in these still resumes.
-RESULT_NEUTRAL = ("config.progress", "config.overwrite", "config.keep_checkpoints", "config.checkpoint_every")
+RESULT_NEUTRAL = ("config.progress", "config.overwrite", "config.keep_checkpoints", "config.checkpoint_every",
+                  REPORTING)
 
 
 def resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | None, Path]:
@@ -162,6 +167,7 @@ def main(cfg: TrainConfig) -> int:
 
     ctx = dist.dist_context(cfg.device)
     data_path, mask_path, out = resolve_paths(cfg)
+    reporter = make_reporter(cfg.report_to, out / "tensorboard")  # a missing tensorboard fails before any work
     rcfg = resolve_config(cfg, data_path, mask_path)
     model = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation=cfg.attn_implementation)
     tok = load_tokenizer(cfg.model)
@@ -188,7 +194,11 @@ def main(cfg: TrainConfig) -> int:
     log.info("training %s on %d examples (%s)", rcfg.method, len(toks),
              f"k={summary['k']} of d={summary['d']}" if "k" in summary else f"d={summary['d']}")
     weights_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    result = train_restricted(model, toks, mask, rcfg, tok.pad_token_id, checkpoint_dir=out / "checkpoints")
+    try:
+        result = train_restricted(model, toks, mask, rcfg, tok.pad_token_id, checkpoint_dir=out / "checkpoints",
+                                  reporter=reporter)
+    finally:
+        reporter.close()
     if ctx.is_main:
         save_artifacts(out, result, mask, rcfg, base, summary, weights_dtype)
         if not cfg.keep_checkpoints:
