@@ -121,7 +121,9 @@ def sparse_optimizer(model: torch.nn.Module, run_dir: str | Path, lr: float = 2e
     Refuses (ArtifactError) a mask made for another architecture: every masked name must be a parameter of
     ``model`` with the recorded shape. Side effect, as in `dualsft train`: parameters with no selected entry
     get ``requires_grad=False``. Weight decay applies to the selected entries only; every other entry stays
-    bit-identical. ``lr`` is the peak rate that Trainer's scheduler scales.
+    bit-identical. ``lr`` is the peak rate that Trainer's scheduler scales. Build it once the model is on its
+    training device (state follows the weights at build time; transformers asks this of any optimizer passed
+    in ``optimizers=``). Trainer checkpoints hold its state and ``resume_from_checkpoint`` restores it.
     """
     from dualsft.distributed import world_size
 
