@@ -160,7 +160,8 @@ def subset_dataset(run_dir: str | Path, tokenizer: Any = None, template: Templat
     ``trainer_collator``; TRL ``SFTTrainer`` takes them as a pre-tokenised dataset (labels used as is).
     Without one: columns prompt, completion, index for ``SFTTrainer`` to tokenise itself: conversational
     (lists of {"role", "content"}) for the chat template, text (prompt + "\\n"; TRL appends EOS) otherwise.
-    ``template``/``max_length`` default to what the run used (``run_setting``), else chat / 256.
+    ``template``/``max_length`` default to what the run used (``run_setting``), else chat / 256 (text rows
+    are not truncated here: give SFTConfig the same ``max_length``).
     """
     datasets = _require("datasets")
     template = template or run_setting(run_dir, "template", "chat")
