@@ -113,8 +113,8 @@ def main(cfg: ExportConfig) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), save_embedding_layers=False)  # an adapted lm_head is not a reason to
-    # copy the whole base head into the adapter (peft does by default): θ0 comes from the base model
+    # peft copies the whole base head into the adapter when lm_head is adapted; θ0 comes from the base model
+    peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
     if plan.left_out:
         keep = sorted(plan.left_out)
         save_delta(tmp / REST_FILE, SparseDelta({n: delta.indices.get(n) for n in keep},

@@ -39,7 +39,7 @@ CONFIG = MergeConfig
 
 
 def main(cfg: MergeConfig) -> int:
-    """Load θ0, apply the delta (fingerprint-checked), save_pretrained model + tokenizer atomically."""
+    """Load θ0, apply the delta (fingerprint-checked), save_pretrained model + tokenizer + model card atomically."""
     from dualsft.models import load_model, load_tokenizer
     from dualsft.training.card import command_line, model_card, read_card_inputs
     from dualsft.training.delta import apply_delta
