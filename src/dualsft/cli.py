@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "select": "dualsft.selection.select",
     "train": "dualsft.training.train",
     "merge": "dualsft.training.merge",
+    "export": "dualsft.training.export",
     "eval": "dualsft.evaluation.evaluate",
     "compare": "dualsft.evaluation.compare",
     "estimate": "dualsft.estimate",

@@ -65,3 +65,15 @@ class ArtifactError(DualSFTError, ValueError):
 
 class ConfigError(DualSFTError, ValueError):
     """An option has a value that cannot be used."""
+
+
+class ExportError(DualSFTError, ValueError):
+    """A trained result cannot be expressed in the requested export format.
+
+    Attributes:
+        tensors: {parameter name: why the format cannot hold it}.
+    """
+
+    def __init__(self, message: str, tensors: dict[str, str] | None = None):
+        super().__init__(message)
+        self.tensors = dict(tensors or {})

@@ -3,7 +3,8 @@
     dualsft merge --run-dir runs/demo                  # RUN/train -> RUN/merged
     dualsft merge --train-dir runs/demo/train --out my-model --model smollm2-135m
 
-The folder loads with ``AutoModelForCausalLM.from_pretrained`` and holds the tokenizer too.
+The folder loads with ``AutoModelForCausalLM.from_pretrained`` and holds the tokenizer too, and a model card
+README.md (budgets, subset composition, eval metrics, command lines: dualsft.training.card).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dualsft.config import opt
 from dualsft.errors import ArtifactError
-from dualsft.io import read_json
+from dualsft.io import atomic_write_text, read_json
 
 HELP = "merge a trained delta (or LoRA adapter) into the base model and save a full HF model folder"
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ CONFIG = MergeConfig
 
 
 def main(cfg: MergeConfig) -> int:
-    """Load θ0, apply the delta (fingerprint-checked), save_pretrained model + tokenizer atomically."""
+    """Load θ0, apply the delta (fingerprint-checked), save_pretrained model + tokenizer + model card atomically."""
     from dualsft.models import load_model, load_tokenizer
+    from dualsft.training.card import command_line, model_card, read_card_inputs
     from dualsft.training.delta import apply_delta
 
     train_dir = Path(cfg.train_dir) if cfg.train_dir else Path(cfg.run_dir) / "train"
@@ -49,6 +51,7 @@ def main(cfg: MergeConfig) -> int:
     out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "merged"
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite or choose another --out")
+    card = model_card(read_card_inputs(Path(cfg.run_dir), train_dir, command_line("merge", MergeConfig, asdict(cfg))))
     model_id = cfg.model or info["base_model"]["id"]
     model = load_model(model_id, cfg.dtype or info.get("weights_dtype", "float32"), "cpu")
     model = apply_delta(model, train_dir)
@@ -56,6 +59,7 @@ def main(cfg: MergeConfig) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     load_tokenizer(model_id).save_pretrained(str(tmp))
+    atomic_write_text(tmp / "README.md", card)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
