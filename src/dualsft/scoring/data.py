@@ -19,7 +19,8 @@ def load_split(path: str, tokenizer: Any, cfg: CommonConfig, source: str) -> lis
         raise ConfigError(f"--{source} is required: a data file (JSONL/JSON) of instruction/response pairs")
     # the option and file go into every message (truncation counts, examples without response tokens)
     return tokenize_examples(load_examples(path), tokenizer, cfg.template, cfg.max_length, cfg.drop_empty,
-                             f"--{source} {path}", loss_tokens=getattr(cfg, "score_tokens", "response"))
+                             f"--{source} {path}", loss_tokens=getattr(cfg, "score_tokens", "response"),
+                             assistant_turns=cfg.assistant_turns)
 
 
 def sample_positions(n: int, ratio: float, seed: int) -> list[int]:

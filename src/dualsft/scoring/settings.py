@@ -96,6 +96,7 @@ class ScoringSettings:
     score_tokens: str          # scoring variants (docs/method.md §4): response | answer
     data_score: str            # inner | cosine
     target_gradient: str       # mean | normalized
+    assistant_turns: str       # chat records: last | all assistant turns carry loss
 
     @classmethod
     def from_config(cls, cfg: Any, scored_at: str) -> ScoringSettings:
