@@ -150,3 +150,33 @@ def test_select_reads_the_scored_pool_source_again(saved):
     meta["data"]["pool"]["path"] = f"{saved}@gone"
     with pytest.raises(ArtifactError, match="cannot be read any more"):
         scores_pool_path(meta, saved)
+
+
+def test_score_select_train_on_dataset_splits_with_every_assistant_turn(micro_model_dir, tmp_path):
+    """The CLI end to end on a saved DatasetDict of multi-turn chats: score reads FOLDER@split and records the
+    source; select reads the pool again from that spec; train reads the subset with every turn labelled."""
+    from dualsft.cli import main as cli
+    from dualsft.io import read_json, read_jsonl
+    from dualsft.testing import one_torch_thread
+
+    def conv(i: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)},
+                             {"role": "user", "content": "and +2?"}, {"role": "assistant", "content": str(i + 3)}]}
+
+    ds = tmp_path / "chats"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([conv(i) for i in range(6)]),
+                          "test": datasets.Dataset.from_list([conv(9)])}).save_to_disk(str(ds))
+    run = tmp_path / "run"
+    common = ["--model", str(micro_model_dir), "--run-dir", str(run), "--max-length", "96", "--assistant-turns", "all"]
+    with one_torch_thread():
+        assert cli(["score", *common, "--pool", f"{ds}@train", "--target", f"{ds}@test", "--order", "1",
+                    "--batch-size", "3"]) == 0
+        assert cli(["select", "--run-dir", str(run), "--data-budget", "0.5", "--param-budget", "0.05"]) == 0
+        assert cli(["train", *common, "--epochs", "1", "--batch-size", "3", "--no-progress"]) == 0
+    meta = read_json(run / "scores" / "metadata.json")
+    assert meta["data"]["pool"]["source"]["split"] == "train" and meta["data"]["target"]["source"]["split"] == "test"
+    assert meta["config"]["assistant_turns"] == "all"
+    assert read_json(run / "selection" / "metadata.json")["data"]["pool"] == meta["data"]["pool"]
+    subset = read_jsonl(run / "selection" / "subset.jsonl")
+    assert len(subset) == 3 and all(len(r["messages"]) == 4 for r in subset)
+    assert read_json(run / "train" / "metadata.json")["config"]["assistant_turns"] == "all"

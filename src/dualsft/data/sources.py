@@ -163,7 +163,7 @@ def _read_dataset(src: DataSource) -> tuple[list[dict], list[str]]:
             ds = datasets.load_dataset(src.location, src.config, split=src.split or "train")
         except Exception as e:  # noqa: BLE001 - one typed error with the spec for every loader failure
             raise DataFormatError(f"{src.spec}: datasets.load_dataset({src.location!r}, {src.config!r}, "
-                                  f"split={src.split or 'train'!r}) failed: {e}") from e
+                                  f"split={src.split or 'train'!r}) failed: {' '.join(str(e).split())}") from e
     ds = pick_split(ds, src)
     return [dict(r) for r in ds], list(ds.column_names)
 
