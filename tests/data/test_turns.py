@@ -184,3 +184,19 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     ex = normalise_record(CHATS[0], "x", 0)
     with pytest.raises(DataFormatError, match="use --assistant-turns last"):
         tokenize_example(ex, clone, "chat", 256, assistant_turns="all")
+
+
+def test_a_tokenizer_without_offsets_uses_the_oracle(tokenizer):
+    class Slow:  # a "slow" tokenizer: no offsets mapping
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kw):
+            assert "return_offsets_mapping" not in kw
+            return tokenizer(text, **kw)
+
+    ex = normalise_record(CHATS[1], "x", 0)
+    turns = ex.messages + (("assistant", ex.response),)
+    assert assistant_labels(turns, Slow()) == assistant_labels(turns, tokenizer)
