@@ -209,3 +209,41 @@ def test_compare_variant_overrides_are_checked():
             variant_score(ScoreConfig(), "bogus")
     finally:
         del VARIANTS["bogus"]
+
+
+def test_run_sources_override_the_data_folder(tmp_path):
+    from dualsft.config import build_config
+    from dualsft.errors import ConfigError
+    from dualsft.stages import RunConfig, builds_data, data_sources
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("pool", "val"):
+        (d / f"{name}.jsonl").write_text("")
+    cfg = build_config(RunConfig, {"data_dir": str(d), "test": "hf://owner/name:main@test"})
+    assert data_sources(cfg) == {"pool": str(d / "pool.jsonl"), "val": str(d / "val.jsonl"),
+                                 "test": "hf://owner/name:main@test"}
+    assert not builds_data(cfg)
+    with pytest.raises(ConfigError, match="lacks .*test.jsonl.*or --pool / --target / --test"):
+        data_sources(build_config(RunConfig, {"data_dir": str(d)}))
+    cfg = build_config(RunConfig, {"pool": "a@train", "target": "a@validation"})
+    assert builds_data(cfg) and data_sources(cfg)["pool"] == "a@train"  # no test split given: the data is built
+    assert not builds_data(build_config(RunConfig, {"pool": "a", "target": "b", "test": "c"}))
+
+
+@pytest.mark.slow
+def test_run_on_dataset_splits_builds_no_data(tmp_path, micro_model_dir):
+    datasets = pytest.importorskip("datasets")
+    from dualsft.testing import toy_records
+
+    ds = tmp_path / "toy"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_records(20)),
+                          "validation": datasets.Dataset.from_list(toy_records(4, seed=1)),
+                          "test": datasets.Dataset.from_list(toy_records(3, seed=2))}).save_to_disk(str(ds))
+    run = tmp_path / "run"
+    assert cli(["run", "--model", str(micro_model_dir), "--run-dir", str(run), "--pool", f"{ds}@train",
+                "--target", f"{ds}@validation", "--test", f"{ds}@test", *TINY]) == 0
+    assert not (run / "data").exists()
+    meta = json.loads((run / "eval" / "metadata.json").read_text())
+    assert meta["data"]["test"]["source"]["split"] == "test" and "stability" not in meta["data"]
+    assert "V (validation split, the scoring target): 4 examples" in (run / "report.md").read_text()

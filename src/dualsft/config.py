@@ -55,12 +55,17 @@ class CommonConfig:
                                      "release: prompt + '\\n' + response, no EOS (the authors' release)")
     max_length: int = opt(256, "truncate examples to this many tokens (truncations are reported)")
     drop_empty: bool = opt(False, "drop (with a warning) examples left with no response token instead of failing")
+    assistant_turns: Literal["last", "all"] = opt("last", "chat (messages) records: last = loss on the final "
+                                                  "assistant turn only; all = on every assistant turn (--template chat)")
     seed: int = opt(0, "random seed")
     overwrite: bool = opt(False, "replace an existing stage folder whose metadata differs")
 
     def __post_init__(self) -> None:
         require(self.template in get_args(Template), "template", self.template, "use chat, plain or release")
         require(self.max_length >= 1, "max-length", self.max_length, "must be at least 1")
+        require(self.assistant_turns in ("last", "all"), "assistant-turns", self.assistant_turns, "use last or all")
+        require(self.assistant_turns == "last" or self.template == "chat", "assistant-turns", self.assistant_turns,
+                f"needs --template chat (got {self.template}): only a chat template marks each assistant turn")
 
 
 def require(ok: bool, flag: str, value: Any, need: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from dualsft.io import atomic_write_text, read_json, read_jsonl, write_json
 from dualsft.report import fmt_stat, get, histogram_plot, markdown_table
 from dualsft.selection.report import composition_table
-from dualsft.stages import RunConfig, data_files, refuse_multiprocess, run_stage, stage_config
+from dualsft.stages import RunConfig, builds_data, data_files, data_sources, refuse_multiprocess, run_stage, stage_config
 
 HELP = "run the whole pipeline (data, warm-up, scoring, selection, restricted training, evaluation, report)"
 log = logging.getLogger(__name__)
@@ -35,16 +35,16 @@ def main(cfg: RunConfig) -> int:
     refuse_multiprocess("run")
     t0 = time.time()
     run = Path(cfg.run_dir)
-    files = data_files(cfg)
+    files, sources = data_files(cfg), data_sources(cfg)
     timings: dict[str, float] = {}
-    if not cfg.data_dir:
+    if builds_data(cfg):
         run_stage("data build", build.main, cfg.data, timings)
-    pool, val = str(files["pool"]), str(files["val"])
+    pool, val = sources["pool"], sources["val"]
     run_stage("warmup", warmup.main, stage_config(cfg.warmup, pool=pool), timings)
     run_stage("score", score.main, stage_config(cfg.score, pool=pool, target=val), timings)
     run_stage("select", select.main, cfg.select, timings)
     run_stage("train", train.main, cfg.train, timings)
-    run_stage("eval", evaluate.main, stage_config(cfg.eval, data_dir=str(files["test"].parent)), timings)
+    run_stage("eval", evaluate.main, stage_config(cfg.eval, data_dir=str(files["test"].parent), test=cfg.test), timings)
     timings["total"] = round(time.time() - t0, 1)
     write_json(run / "timings.json", timings)
     report = write_report(run, timings)
@@ -74,7 +74,7 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
              "## Base vs tuned\n", markdown_table(["metric", "base", "tuned (DualSFT)"], rows),
              "\nMeans ± standard deviation over examples, n examples. Exact match uses the task's own scorer on greedy "
              "generations.\n",
-             "## What was selected\n", val_size_line(run), *selection_lines(sel, scores),
+             "## What was selected\n", val_size_line(scores), *selection_lines(sel, scores),
              "", "## Time per stage (s)\n", markdown_table(list(timings), [[str(v) for v in timings.values()]]),
              "## Plots\n"]
     lines += [f"![{p.stem}]({p.relative_to(run)})" for p in plots]
@@ -83,10 +83,10 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
     return path
 
 
-def val_size_line(run: Path) -> str:
-    """One line on the size of V (the scoring target): this quick run's is small, compare's is not."""
-    val = run / "data" / "val.jsonl"
-    n = len(read_jsonl(val)) if val.exists() else None
+def val_size_line(scores: dict) -> str:
+    """One line on the size of V (the scoring target, from RUN/scores/summary.json): this quick run's is
+    small, compare's is not."""
+    n = scores.get("target_size")
     return (f"- V (validation split, the scoring target): {n if n is not None else '?'} examples. This run is sized "
             "for minutes; `dualsft compare` uses ≥ 256 (a small V can be skewed by answer type: issue 13).\n")
 

@@ -52,13 +52,15 @@ def versions() -> dict[str, str]:
 def build_metadata(stage: str, config: Any, model_id: str | None = None, model_fingerprint: str | None = None,
                    data_files: dict[str, str | os.PathLike] | None = None, extra: dict[str, Any] | None = None) -> dict:
     """The metadata.json content for a stage. ``config`` is the resolved stage config (dataclass or dict)."""
+    from dualsft.data.sources import source_fingerprint  # a data source may be a dataset split, not a file
+
     cfg = asdict(config) if is_dataclass(config) else dict(config)
     return {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
         "model": {"id": model_id, "fingerprint": model_fingerprint},
-        "data": {k: {"path": str(v), "fingerprint": file_fingerprint(v)} for k, v in (data_files or {}).items()},
+        "data": {k: source_fingerprint(v) for k, v in (data_files or {}).items()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
         **(extra or {}),
     }

@@ -55,6 +55,11 @@ class RunConfig(CommonConfig):
     run_dir: str = opt("runs/main", "run folder; each stage writes RUN/<stage>/ and the report goes to RUN/report.md")
     data_dir: str = opt("", "folder with pool.jsonl, val.jsonl, test.jsonl (and stability.jsonl); "
                             "empty: build the embedded reasoning-gym data into RUN/data (the data section)")
+    pool: str = opt("", "the pool instead of DATA_DIR/pool.jsonl: a file, a saved dataset FOLDER[@split] or "
+                        "hf://owner/name[:config][@split], each optionally ?prompt=COL&response=COL")
+    target: str = opt("", "the target set V instead of DATA_DIR/val.jsonl (spellings as --pool)")
+    test: str = opt("", "the test split instead of DATA_DIR/test.jsonl (spellings as --pool); with --pool, "
+                        "--target and --test all given, no data is built")
     data: DataBuildConfig = section(DataBuildConfig, "the embedded data (`dualsft data build`; unused with "
                                     "--data-dir)", wired=("out",), pool_size=384, stability_size=8, humaneval_size=8)
     warmup: WarmupConfig = section(WarmupConfig, "the warm-up (`dualsft warmup`)", wired=("pool",))
@@ -65,7 +70,7 @@ class RunConfig(CommonConfig):
                                  "on 3B-9B)", wired=("subset", "mask", "data", "train_file", "out"),
                                  lr=2e-4, batch_size=8)
     eval: EvalConfig = section(EvalConfig, "evaluation, base vs tuned (`dualsft eval`)",
-                               wired=("data_dir", "train_dir", "out", "base_model"))
+                               wired=("data_dir", "test", "train_dir", "out", "base_model"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,14 +83,28 @@ def stage_config(stage: C, **wired: Any) -> C:
 
 
 def data_files(cfg: RunConfig) -> dict[str, Path]:
-    """pool/val/test/stability paths (stability optional)."""
+    """pool/val/test/stability paths of the data folder (stability optional; see ``data_sources``)."""
     d = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.run_dir) / "data"
     files = {k: d / f"{k}.jsonl" for k in ("pool", "val", "test", "stability")}
     if cfg.data_dir:
-        missing = [str(p) for k, p in files.items() if k != "stability" and not p.exists()]
+        given = {"pool": cfg.pool, "val": cfg.target, "test": cfg.test}
+        missing = [str(p) for k, p in files.items() if k != "stability" and not given[k] and not p.exists()]
         if missing:
-            raise ConfigError(f"--data-dir {d} lacks {missing}; it needs pool.jsonl, val.jsonl and test.jsonl")
+            raise ConfigError(f"--data-dir {d} lacks {missing}; it needs pool.jsonl, val.jsonl and test.jsonl "
+                              "(or --pool / --target / --test)")
     return files
+
+
+def data_sources(cfg: RunConfig) -> dict[str, str]:
+    """The pool / val / test sources a run reads: --pool / --target / --test, else the data folder's files."""
+    files = data_files(cfg)
+    return {"pool": cfg.pool or str(files["pool"]), "val": cfg.target or str(files["val"]),
+            "test": cfg.test or str(files["test"])}
+
+
+def builds_data(cfg: RunConfig) -> bool:
+    """Whether the run builds the embedded data into RUN/data: no --data-dir, and not every split given."""
+    return not cfg.data_dir and not (cfg.pool and cfg.target and cfg.test)
 
 
 def refuse_multiprocess(command: str) -> None:

@@ -424,3 +424,48 @@ def test_cli_logs_one_line_with_the_error_type(micro_model_dir: Path, data_dir: 
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and errors[0].getMessage().startswith(f"DataFormatError: {pool}:1: malformed JSON")
     assert errors[0].exc_info is None
+
+
+# ------------------------------------------------------------------------------ dataset sources, chat turns
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DatasetDict (train/test) of toy records, written by save_to_disk."""
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path_factory.mktemp("saved") / "toy"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_records(6)),
+                          "test": datasets.Dataset.from_list(toy_records(2, seed=1))}).save_to_disk(str(d))
+    return d
+
+
+def test_missing_dataset_split(fail: Fail, micro_model_dir: Path, data_dir: Path, saved_dataset: Path,
+                               tmp_path: Path) -> None:
+    err = fail(score_args(micro_model_dir, tmp_path / "run", data_dir, "--pool", f"{saved_dataset}@validation"))
+    assert type(err) is DataFormatError
+    assert "no split 'validation'; available splits: ['train', 'test']" in str(err)
+    assert_no_success(tmp_path / "run" / "scores")
+
+
+def test_missing_dataset_column(fail: Fail, micro_model_dir: Path, data_dir: Path, saved_dataset: Path,
+                                tmp_path: Path) -> None:
+    err = fail(score_args(micro_model_dir, tmp_path / "run", data_dir, "--target",
+                          f"{saved_dataset}@test?prompt=instruction&response=solution"))
+    assert type(err) is DataFormatError
+    assert "column(s) ['solution'] not in the dataset; available columns: ['instruction', 'response']" in str(err)
+
+
+def test_chat_turns_not_alternating(fail: Fail, micro_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                        {"role": "assistant", "content": "c"}]}
+    pool = write_records(tmp_path / "pool.jsonl", [toy_records(1)[0], bad])
+    err = fail(score_args(micro_model_dir, tmp_path / "run", data_dir, "--pool", str(pool)))
+    assert type(err) is DataFormatError
+    assert f"{pool}:2: turns must be an optional system message, then user and assistant alternating" in str(err)
+
+
+def test_all_assistant_turns_need_the_chat_template(fail: Fail, micro_model_dir: Path, data_dir: Path,
+                                                    tmp_path: Path) -> None:
+    err = fail(score_args(micro_model_dir, tmp_path / "run", data_dir, "--template", "plain",
+                          "--assistant-turns", "all"))
+    assert type(err) is ConfigError and "--assistant-turns 'all': needs --template chat" in str(err)

@@ -1,8 +1,13 @@
 """Read instruction data in any supported schema, format it with a template, and tokenise with
 response-only labels.
 
+Sources (``dualsft.data.sources``): a JSONL/JSON file, a saved HF ``datasets`` folder (``FOLDER@split``), a
+Hub dataset (``hf://owner/name[:config][@split]``); ``?prompt=COL&response=COL`` maps other column names.
+
 Schemas (detected per record, first match wins):
-    messages                 chat list of {"role", "content"}; the LAST assistant turn is the response
+    messages                 chat list of {"role", "content"}: an optional system turn, then user and
+                             assistant turns alternating, the LAST assistant turn is the response (with
+                             ``assistant_turns="all"`` every assistant turn carries loss: data/turns.py)
     instruction / response   Magicoder; Alpaca's optional ``input`` is appended to the instruction
     instruction / output     Alpaca
     prompt / completion      completion style
@@ -13,7 +18,6 @@ which survives every later stage.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +25,17 @@ from typing import Any, Literal
 
 import torch
 
+from dualsft.data.sources import parse_source, read_records
+from dualsft.data.turns import assistant_labels
 from dualsft.errors import DataFormatError, EmptyResponseError
-from dualsft.io import iter_jsonl
 from dualsft.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 Template = Literal["chat", "plain", "release"]
 LossTokens = Literal["response", "answer"]
+AssistantTurns = Literal["last", "all"]
+ROLES = ("system", "user", "assistant")
 SCHEMAS = ("messages", "instruction/response", "instruction/output", "prompt/completion", "question/answer")
 
 
@@ -61,9 +68,8 @@ def normalise_record(obj: dict[str, Any], where: str, index: int) -> Example:
         for m in msgs:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise DataFormatError(f"{where}: each message needs 'role' and 'content', got {m!r:.80}")
-            turns.append((str(m["role"]), str(m["content"])))
-        if turns[-1][0] != "assistant":
-            raise DataFormatError(f"{where}: the last message must be the assistant's response, got role {turns[-1][0]!r}")
+            turns.append((str(m["role"]), "" if m["content"] is None else str(m["content"])))
+        check_turn_order([r for r, _ in turns], where)
         return Example(index, tuple(turns[:-1]), turns[-1][1], obj)
     pairs = (("instruction", "response"), ("instruction", "output"), ("prompt", "completion"), ("question", "answer"))
     for p, r in pairs:
@@ -81,6 +87,23 @@ def normalise_record(obj: dict[str, Any], where: str, index: int) -> Example:
     )
 
 
+def check_turn_order(roles: list[str], where: str) -> None:
+    """Raise DataFormatError unless ``roles`` is [system], user, assistant, user, assistant, ..., assistant."""
+    unknown = sorted({r for r in roles if r not in ROLES})
+    if unknown:
+        raise DataFormatError(f"{where}: unsupported message role(s) {unknown}; use {', '.join(ROLES)}")
+    if "assistant" not in roles:
+        raise DataFormatError(f"{where}: no assistant turn (roles {roles}); the last message must be the "
+                              "assistant's response")
+    if roles[-1] != "assistant":
+        raise DataFormatError(f"{where}: the last message must be the assistant's response, got role {roles[-1]!r}")
+    chat = roles[1:] if roles[0] == "system" else roles
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(chat))]
+    if chat != expected:
+        raise DataFormatError(f"{where}: turns must be an optional system message, then user and assistant "
+                              f"alternating (user first); got roles {roles}")
+
+
 def _closest_missing(obj: dict[str, Any]) -> str:
     for p, r in (("instruction", "response"), ("prompt", "completion"), ("question", "answer")):
         if p in obj:
@@ -91,30 +114,13 @@ def _closest_missing(obj: dict[str, Any]) -> str:
 
 
 def load_examples(path: str | Path) -> list[Example]:
-    """Read a JSONL, JSON (list of objects) or saved HF ``datasets`` folder into Examples.
+    """Read a data source into Examples: a JSONL/JSON file, a saved HF ``datasets`` folder (``FOLDER@split``),
+    or ``hf://owner/name[:config][@split]``, each optionally ``?prompt=COL&response=COL`` (data/sources.py).
 
-    Raises DataFormatError naming the file and line (JSONL) or item (JSON) of the first bad record,
-    and on an empty file.
+    Raises DataFormatError naming the file and line (JSONL), item (JSON) or row (datasets) of the first bad
+    record, on an empty source, a missing split or a missing column (listing the available ones).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataFormatError(f"data file {path} does not exist")
-    if path.is_dir():
-        records = [(f"{path}[{i}]", r) for i, r in enumerate(_load_hf_dataset(path))]
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataFormatError(f"{path}: a .json data file must hold a list of objects")
-        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
-    else:
-        records = [(f"{path}:{ln}", r) for ln, r in iter_jsonl(path)]
-    if not records:
-        raise DataFormatError(f"{path}: no examples in the file")
+    records = read_records(parse_source(path))
     for where, r in records:
         if not isinstance(r, dict):
             raise DataFormatError(f"{where}: expected a JSON object, got {type(r).__name__}")
@@ -129,17 +135,6 @@ def _stable_indices(records: list[dict]) -> list[int]:
     if all(isinstance(i, int) and not isinstance(i, bool) for i in given) and len(set(given)) == len(given):
         return given  # type: ignore[return-value]
     return list(range(len(records)))
-
-
-def _load_hf_dataset(path: Path) -> list[dict]:
-    try:
-        import datasets  # optional dependency
-    except ImportError as e:
-        raise DataFormatError(f"{path} is a folder; reading a saved HF dataset needs `pip install datasets`") from e
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return [dict(r) for r in ds]
 
 
 @dataclass
@@ -175,8 +170,11 @@ def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, s
 
 
 def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int,
-                     loss_tokens: LossTokens = "response") -> TokenizedExample:
+                     loss_tokens: LossTokens = "response", assistant_turns: AssistantTurns = "last") -> TokenizedExample:
     """Tokenise with labels on response tokens only, truncating (from the right) to max_length.
+
+    ``assistant_turns="all"`` (chat template only) labels every assistant turn of a multi-turn chat, each
+    by the same rule as the final response (data/turns.py); a single-turn example is the same either way.
 
     ``loss_tokens="answer"`` also masks what the template appends AFTER the response text (the chat
     template's end-of-turn token and newline, the plain template's EOS): the loss then covers the answer's
@@ -186,6 +184,9 @@ def tokenize_example(example: Example, tokenizer: Any, template: Template, max_l
     text); where a byte-level BPE splits the prompt's trailing whitespace differently inside the full text
     (a prompt that ends in "\n" gives "...\n\n" + response), one prompt token is trained, as in the release.
     """
+    if assistant_turns == "all" and _has_earlier_replies(example, template):
+        ids, labels = assistant_labels(example.messages + (("assistant", example.response),), tokenizer, loss_tokens)
+        return TokenizedExample(example.index, ids[:max_length], labels[:max_length], len(ids) > max_length)
     prompt, full = render(example, tokenizer, template)
     # Tokenise prompt and full text the same way; the prompt's tokens are a prefix of the full text's
     # for BPE tokenisers when the boundary is a newline/special token. We trust the prefix length.
@@ -205,6 +206,13 @@ def tokenize_example(example: Example, tokenizer: Any, template: Template, max_l
     return TokenizedExample(example.index, f_ids[:max_length], labels[:max_length], truncated)
 
 
+def _has_earlier_replies(example: Example, template: Template) -> bool:
+    if template != "chat":
+        raise DataFormatError(f"--assistant-turns all needs --template chat (got {template!r}): only a chat "
+                              "template marks where each assistant turn starts and ends")
+    return any(role == "assistant" for role, _ in example.messages)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -214,23 +222,28 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def check_blank_responses(examples: list[Example], drop_empty: bool, source: str) -> list[Example]:
-    """Warn about (or, with ``drop_empty``, drop) examples whose response is empty or whitespace only.
+def check_blank_responses(examples: list[Example], drop_empty: bool, source: str,
+                          assistant_turns: AssistantTurns = "last") -> list[Example]:
+    """Warn about (or, with ``drop_empty``, drop) examples whose response is empty or whitespace only, and
+    with ``assistant_turns="all"`` those with ANY empty assistant turn (every one of them is trained).
 
     Such an example still has response labels under a template that appends end tokens (the chat
     template's end-of-turn), so without this check it would be scored, selected and trained on silently,
     teaching the model to answer with nothing."""
-    blank = [e.index for e in examples if not e.response.strip()]
-    if not blank:
+    def blank(e: Example) -> bool:
+        replies = [e.response] + [c for r, c in e.messages if r == "assistant" and assistant_turns == "all"]
+        return any(not text.strip() for text in replies)
+
+    bad = [e.index for e in examples if blank(e)]
+    if not bad:
         return examples
-    shown = f"{blank[:20]}{'...' if len(blank) > 20 else ''}"
+    what = "an empty or whitespace-only " + ("assistant turn" if assistant_turns == "all" else "response")
+    shown = f"{bad[:20]}{'...' if len(bad) > 20 else ''}"
     if drop_empty:
-        log.warning("%s: dropped %d example(s) with an empty or whitespace-only response: indices %s", source,
-                    len(blank), shown)
-        return [e for e in examples if e.response.strip()]
-    log.warning("%s: %d example(s) have an empty or whitespace-only response (indices %s); they are kept and "
-                "train the model to answer with nothing: fix the data or pass --drop-empty to drop them", source,
-                len(blank), shown)
+        log.warning("%s: dropped %d example(s) with %s: indices %s", source, len(bad), what, shown)
+        return [e for e in examples if not blank(e)]
+    log.warning("%s: %d example(s) have %s (indices %s); they are kept and train the model to answer with "
+                "nothing: fix the data or pass --drop-empty to drop them", source, len(bad), what, shown)
     return examples
 
 
@@ -242,16 +255,20 @@ def tokenize_examples(
     drop_empty: bool = False,
     source: str = "data",
     loss_tokens: LossTokens = "response",
+    assistant_turns: AssistantTurns = "last",
 ) -> list[TokenizedExample]:
     """Tokenise a list; report truncation; reject (or drop, if ``drop_empty``) examples without response tokens.
-    ``loss_tokens`` chooses which response tokens carry loss (see ``tokenize_example``).
+    ``loss_tokens`` chooses which response tokens carry loss, ``assistant_turns`` which assistant turns of a
+    chat (see ``tokenize_example``). This is the one tokenisation path of scoring, training and evaluation.
 
     Raises EmptyResponseError listing the stable indices of examples with no response token.
     """
     if max_length < 2:
         raise DataFormatError(f"--max-length must be at least 2, got {max_length}")
-    examples = check_blank_responses(examples, drop_empty, source)
-    toks = [tokenize_example(e, tokenizer, template, max_length, loss_tokens) for e in examples]
+    if assistant_turns not in ("last", "all"):
+        raise DataFormatError(f"unknown assistant turns {assistant_turns!r}: use 'last' or 'all'")
+    examples = check_blank_responses(examples, drop_empty, source, assistant_turns)
+    toks = [tokenize_example(e, tokenizer, template, max_length, loss_tokens, assistant_turns) for e in examples]
     n_trunc = sum(t.truncated for t in toks)
     if n_trunc:
         log.info("%s: %d of %d examples truncated to %d tokens", source, n_trunc, len(toks), max_length)

@@ -190,6 +190,9 @@ def main(cfg: CompareConfig) -> int:
         variant_score(cfg.score, split_method(m)[1])
     seeds, grid = parse_seeds(cfg.seeds), parse_lr_grid(cfg.lr_grid)
     tasks = [t.strip() for t in cfg.target_tasks.split(",") if t.strip()]
+    if cfg.pool or cfg.target or cfg.test:
+        raise ConfigError("`dualsft compare` reads its splits from --data-dir (pool.jsonl, val.jsonl, dev.jsonl, "
+                          "test.jsonl) or builds them; --pool / --target / --test are options of `dualsft run`")
     if tasks and cfg.data_dir:
         raise ConfigError("--target-tasks builds one data set per task; it cannot be used with --data-dir")
     if not tasks:
@@ -353,8 +356,10 @@ def baseline_context(cfg: CompareConfig, files: dict[str, Path], seed: int, cach
         base = load_model(cfg.model, cfg.dtype, cfg.device)
         curv = sdir / "warmup" / "exp_avg_sq.safetensors"
         pool_ex = load_examples(files["pool"])
-        pool_t = tokenize_examples(pool_ex, tok, cfg.template, cfg.max_length, cfg.drop_empty, "pool")
-        val_t = tokenize_examples(load_examples(files["val"]), tok, cfg.template, cfg.max_length, cfg.drop_empty, "val")
+        pool_t = tokenize_examples(pool_ex, tok, cfg.template, cfg.max_length, cfg.drop_empty, "pool",
+                                   assistant_turns=cfg.assistant_turns)
+        val_t = tokenize_examples(load_examples(files["val"]), tok, cfg.template, cfg.max_length, cfg.drop_empty, "val",
+                                  assistant_turns=cfg.assistant_turns)
         cache.update(seed=seed, model=model, pool_batches=batches(pool_t, cfg.score.batch_size, tok.pad_token_id),
                      target_batches=batches(val_t, cfg.score.batch_size, tok.pad_token_id), base_model=base,
                      curvature=load_tensors(curv) if curv.exists() else None, pool=pool_ex)

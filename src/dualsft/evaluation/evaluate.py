@@ -64,6 +64,8 @@ class EvalConfig(CommonConfig):
     or, without a trained run, the model to evaluate (e.g. a merged folder)."""
 
     data_dir: str = opt("", "folder with test.jsonl and stability.jsonl; empty = RUN/data")
+    test: str = opt("", "the test split instead of DATA_DIR/test.jsonl: a file, a saved dataset FOLDER[@split] or "
+                        "hf://owner/name[:config][@split] (+ ?prompt=COL&response=COL)")
     train_dir: str = opt("auto", "trained run(s) to evaluate: folder(s) with delta.safetensors or a LoRA adapter/, "
                                  "comma-separated for several seeds; 'auto' = RUN/train if it holds one; "
                                  "'none' = evaluate --model itself")
@@ -105,12 +107,14 @@ class EvalSets:
     general: dict[str, list[Example]]
 
 
-def load_eval_sets(data_dir: str | Path, max_examples: int = 0) -> EvalSets:
-    """Read ``test.jsonl`` (required) and ``stability.jsonl`` (optional) from ``data_dir``."""
+def load_eval_sets(data_dir: str | Path, max_examples: int = 0, test: str = "") -> EvalSets:
+    """Read the test split (``test``, a data source, else ``data_dir/test.jsonl``: required) and
+    ``stability.jsonl`` (optional) from ``data_dir``."""
     d = Path(data_dir)
-    if not (d / "test.jsonl").exists():
-        raise ArtifactError(f"{d / 'test.jsonl'} is missing: run `dualsft data build` first or pass --data-dir")
-    target = load_examples(d / "test.jsonl")
+    if not test and not (d / "test.jsonl").exists():
+        raise ArtifactError(f"{d / 'test.jsonl'} is missing: run `dualsft data build` first or pass --data-dir "
+                            "or --test")
+    target = load_examples(test or d / "test.jsonl")
     tasks = {e.record.get("task", "target") for e in target}
     target_task = tasks.pop() if len(tasks) == 1 else "target"
     stability: dict[str, list[Example]] = defaultdict(list)
@@ -155,13 +159,15 @@ def losses_and_kl(model: torch.nn.Module, tokenizer: Any, examples: list[Example
 
     Returns ({index: loss}, {index: kl}) (the second empty without a base model).
     """
-    toks = tokenize_examples(examples, tokenizer, cfg.template, cfg.max_length, cfg.drop_empty, source=desc)
+    toks = tokenize_examples(examples, tokenizer, cfg.template, cfg.max_length, cfg.drop_empty, source=desc,
+                             assistant_turns=cfg.assistant_turns)
     device = next(model.parameters()).device
     loss, kl = {}, {}
     for b in tqdm(response_batches(toks, cfg.batch_size, tokenizer.pad_token_id), desc=desc, unit="batch", leave=False):
         b = {k: v.to(device) for k, v in b.items()}
-        n_resp = b["labels"].ne(IGNORE_INDEX).sum(-1)  # [B]; responses are the last n_resp tokens
-        keep = min(int(n_resp.max()) + 1, b["labels"].shape[1])  # +1: the position that predicts the first
+        labelled = b["labels"].ne(IGNORE_INDEX)  # [B, T]; left padding puts the last response at the end
+        span = labelled.shape[1] - labelled.float().argmax(-1)  # [B] first labelled token to the end (all turns)
+        keep = min(int(span.max()) + 1, b["labels"].shape[1])  # +1: the position that predicts the first
         labels = b["labels"][:, -keep:]  # [B, keep]
         logits = window_logits(model, b, keep)  # [B, keep, V]
         idx = b["index"].tolist()
@@ -240,7 +246,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, base_model: torch.nn.
          "general": {name: {loss[, kl][, pass@1]}, "all": {...}}}, "predictions": [row per example]}.
     """
     cfg = cfg or EvalConfig()
-    sets = load_eval_sets(data_dir, cfg.max_examples)
+    sets = load_eval_sets(data_dir, cfg.max_examples, cfg.test)
     modes = [(m, m.training) for m in (model, base_model) if m is not None]
     for m, _ in modes:
         m.eval()
@@ -327,9 +333,13 @@ def main(cfg: EvalConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)
     base = load_model(base_id, cfg.dtype, cfg.device, attn_implementation="sdpa") if base_id else None
     base_fp = model_fingerprint(base) if base is not None else None
-    data_files = {k: data_dir / f"{k}.jsonl" for k in ("test", "stability") if (data_dir / f"{k}.jsonl").exists()}
+    data_files: dict[str, Any] = {k: data_dir / f"{k}.jsonl" for k in ("test", "stability")
+                                  if (data_dir / f"{k}.jsonl").exists()}
+    if cfg.test:
+        data_files["test"] = cfg.test
     if "test" not in data_files:
-        raise ArtifactError(f"{data_dir / 'test.jsonl'} is missing: run `dualsft data build` first or pass --data-dir")
+        raise ArtifactError(f"{data_dir / 'test.jsonl'} is missing: run `dualsft data build` first or pass --data-dir "
+                            "or --test")
     meta = build_metadata("eval", cfg, model_id=cfg.model, model_fingerprint=base_fp, data_files=data_files,
                           extra={"train_dirs": {str(d): run_fingerprint(d) for d in train_dirs},
                                  "base_model": base_id or None})

@@ -16,10 +16,12 @@ def load_split(path: str, tokenizer: Any, cfg: CommonConfig, source: str) -> lis
     """Read and tokenise one data file with the run's template / max_length / drop_empty settings; the loss
     covers the tokens ``cfg.score_tokens`` names (`dualsft score`'s variant; "response" for other stages)."""
     if not path:
-        raise ConfigError(f"--{source} is required: a data file (JSONL/JSON) of instruction/response pairs")
+        raise ConfigError(f"--{source} is required: a data file (JSONL/JSON), a saved dataset FOLDER[@split] or "
+                          "hf://owner/name[:config][@split] of instruction/response pairs")
     # the option and file go into every message (truncation counts, examples without response tokens)
     return tokenize_examples(load_examples(path), tokenizer, cfg.template, cfg.max_length, cfg.drop_empty,
-                             f"--{source} {path}", loss_tokens=getattr(cfg, "score_tokens", "response"))
+                             f"--{source} {path}", loss_tokens=getattr(cfg, "score_tokens", "response"),
+                             assistant_turns=cfg.assistant_turns)
 
 
 def sample_positions(n: int, ratio: float, seed: int) -> list[int]:

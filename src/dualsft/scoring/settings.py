@@ -25,8 +25,9 @@ SETTINGS_FILE = "settings.json"
 class ScoreConfig(CommonConfig):
     """Options of `dualsft score` (defaults: the authors' release, docs/method.md §3-§5)."""
 
-    pool: str = opt("", "pool data file (the examples to score)")
-    target: str = opt("", "target/validation data file V (v_new is its mean gradient)")
+    pool: str = opt("", "pool data (the examples to score): a file, a saved dataset FOLDER[@split] or "
+                        "hf://owner/name[:config][@split], each optionally ?prompt=COL&response=COL")
+    target: str = opt("", "target/validation data V (v_new is its mean gradient); spellings as --pool")
     order: int = opt(2, "2: u = ηv − ½η²c⊙G (needs the warm-up's curvature); 1: u = ηv (one pool pass)")
     eta: float = opt(2e-5, "η, the step size of the one-step surrogate")
     lambda_new: float = opt(1.0, "λ_new, weight of the target loss in L_val")
@@ -96,6 +97,7 @@ class ScoringSettings:
     score_tokens: str          # scoring variants (docs/method.md §4): response | answer
     data_score: str            # inner | cosine
     target_gradient: str       # mean | normalized
+    assistant_turns: str       # chat records: last | all assistant turns carry loss
 
     @classmethod
     def from_config(cls, cfg: Any, scored_at: str) -> ScoringSettings:

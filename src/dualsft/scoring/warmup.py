@@ -53,7 +53,8 @@ HELP = "short full-parameter AdamW warm-up: scoring checkpoint θw and curvature
 class WarmupConfig(CommonConfig):
     """Options of `dualsft warmup` (docs/method.md §5 step 2)."""
 
-    pool: str = opt("", "pool data file (JSONL/JSON) of instruction/response pairs")
+    pool: str = opt("", "pool data: a file (JSONL/JSON), a saved dataset FOLDER[@split] or "
+                        "hf://owner/name[:config][@split], each optionally ?prompt=COL&response=COL")
     warmup_ratio: float = opt(0.1, "fraction of the pool to warm up on (seeded); 0 = score at θ0")
     epochs: int = opt(1, "epochs over the warm-up subset")
     lr: float = opt(2e-5, "AdamW learning rate (constant)")

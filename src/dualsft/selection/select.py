@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from dualsft.config import opt, require
-from dualsft.errors import ArtifactError, MetadataMismatchError
+from dualsft.errors import ArtifactError, DataFormatError, MetadataMismatchError
 from dualsft.io import iter_jsonl, load_tensors, write_json, write_jsonl
 from dualsft.runs import build_metadata, file_fingerprint, prepare_stage_dir, require_stage
 from dualsft.selection.mask import save_mask
@@ -84,16 +84,20 @@ def mask_spec(cfg: SelectConfig) -> MaskSpec:
                     cfg.granularity)
 
 
-def scores_pool_path(meta: dict, scores_dir: Path) -> Path:
-    """The pool file recorded in the scores metadata, checked against its fingerprint."""
+def scores_pool_path(meta: dict, scores_dir: Path) -> str:
+    """The pool source recorded in the scores metadata (a file, FOLDER@split or hf://... spec, read again the
+    same way), checked against its fingerprint."""
+    from dualsft.data.sources import source_fingerprint
+
     pool = (meta.get("data") or {}).get("pool") or {}
     if not pool.get("path"):
         raise ArtifactError(f"{scores_dir}/metadata.json records no data.pool.path; rerun `dualsft score`")
-    path = Path(pool["path"])
-    if not path.exists():
-        raise ArtifactError(f"the pool {path} recorded in {scores_dir}/metadata.json no longer exists; restore it "
-                            "or rerun `dualsft score`")
-    fp = file_fingerprint(path)
+    path = pool["path"]
+    try:
+        fp = source_fingerprint(path)["fingerprint"]
+    except DataFormatError as e:
+        raise ArtifactError(f"the pool {path} recorded in {scores_dir}/metadata.json cannot be read any more ({e}); "
+                            "restore it or rerun `dualsft score`") from e
     if pool.get("fingerprint") and pool["fingerprint"] != fp:
         raise MetadataMismatchError(f"the pool {path} changed since scoring (fingerprint {pool['fingerprint']} "
                                     f"then, {fp} now); rerun `dualsft score` on it", "data.pool.fingerprint")
@@ -113,7 +117,7 @@ def read_data_scores(path: Path) -> tuple[list[int], torch.Tensor]:
     return idx, torch.tensor(sc, dtype=torch.float64)
 
 
-def subset_rows(pool_path: Path, indices: list[int], positions: list[int], scores: torch.Tensor) -> tuple[list[dict], list[dict]]:
+def subset_rows(pool_path: str, indices: list[int], positions: list[int], scores: torch.Tensor) -> tuple[list[dict], list[dict]]:
     """(chosen records with index and score, in pool order; all scored pool records)."""
     from dualsft.data.formats import load_examples
 
@@ -273,7 +277,7 @@ def _checked_model(cfg: SelectConfig, smeta: dict) -> torch.nn.Module:
     return model
 
 
-def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, pool_path: Path, indices: list[int],
+def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, pool_path: str, indices: list[int],
             mask: MaskSelection, positions: torch.Tensor, scores: torch.Tensor, b: int) -> Any:
     """Joint refinement (or, with 0 rounds, just I of the independent pair) with the real scoring engine."""
     from dualsft.data.formats import batches, load_examples, tokenize_examples
@@ -296,7 +300,8 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     tok = load_tokenizer(scoring.model)
     by_index = {e.index: e for e in load_examples(pool_path)}
     toks = tokenize_examples([by_index[i] for i in indices], tok, scoring.template, scoring.max_length,
-                             drop_empty=False, source="pool", loss_tokens=scoring.score_tokens)  # type: ignore[arg-type]
+                             drop_empty=False, source="pool", loss_tokens=scoring.score_tokens,  # type: ignore[arg-type]
+                             assistant_turns=scoring.assistant_turns)  # type: ignore[arg-type]
     params = trainable_params(model)
     pad = tok.pad_token_id
     device = next(model.parameters()).device

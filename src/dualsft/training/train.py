@@ -48,7 +48,8 @@ class TrainConfig(TrainSettings, CommonConfig):
     mask: str | None = opt(None, "mask file; default RUN/selection/mask.safetensors; 'none' = full fine-tuning")
     data: Literal["subset", "all"] = opt("subset", "subset: the selected examples; all: the whole pool "
                                          "(--train-file, default RUN/data/pool.jsonl)")
-    train_file: str | None = opt(None, "train on this data file instead (any supported schema)")
+    train_file: str | None = opt(None, "train on this data instead (any supported schema): a file, a saved dataset "
+                                       "FOLDER[@split] or hf://owner/name[:config][@split] (+ ?prompt=COL&response=COL)")
     out: str | None = opt(None, "output folder; default RUN/train")
     keep_checkpoints: bool = opt(False, "keep checkpoints/ after a successful run")
     attn_implementation: str = opt("sdpa", "attention kernel for training: sdpa or eager")
@@ -65,16 +66,20 @@ RESULT_NEUTRAL = ("config.progress", "config.overwrite", "config.keep_checkpoint
                   REPORTING)
 
 
-def resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | None, Path]:
-    """(training data file, mask file or None, output folder) from the options and the run folder."""
+def resolve_paths(cfg: TrainConfig) -> tuple[str | Path, Path | None, Path]:
+    """(training data file or source spec, mask file or None, output folder) from the options and the run
+    folder."""
     run = Path(cfg.run_dir)
+    data: str | Path
     if cfg.train_file:
-        data = Path(cfg.train_file)
+        from dualsft.data.sources import parse_source
+
+        data = parse_source(cfg.train_file).spec  # a missing file or a bad spec fails here, before the model loads
     elif cfg.data == "all":
         data = run / "data" / "pool.jsonl"
     else:
         data = Path(cfg.subset) if cfg.subset else run / "selection" / "subset.jsonl"
-    if not data.exists():
+    if isinstance(data, Path) and not data.exists():
         hint = "run `dualsft select` first or pass --subset" if cfg.data == "subset" else "pass --train-file"
         raise ArtifactError(f"training data {data} does not exist: {hint}")
     mask: Path | None = None
@@ -89,7 +94,7 @@ def resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | None, Path]:
     return data, mask, Path(cfg.out) if cfg.out else run / "train"
 
 
-def resolve_config(cfg: TrainConfig, data: Path, mask: Path | None) -> TrainConfig:
+def resolve_config(cfg: TrainConfig, data: str | Path, mask: Path | None) -> TrainConfig:
     """A resolved copy: concrete paths, the method (no mask -> full), the learning rate."""
     method = cfg.method
     if mask is None and method in ("sparse", "dense-masked"):
@@ -189,7 +194,7 @@ def main(cfg: TrainConfig) -> int:
         log.info("%s already holds a finished run with these settings; pass --overwrite to retrain", out)
         return 0
     toks = tokenize_examples(load_examples(data_path), tok, cfg.template, cfg.max_length, cfg.drop_empty,
-                             source=str(data_path))
+                             source=str(data_path), assistant_turns=cfg.assistant_turns)
     summary = mask_summary(model, mask, rcfg.method)
     log.info("training %s on %d examples (%s)", rcfg.method, len(toks),
              f"k={summary['k']} of d={summary['d']}" if "k" in summary else f"d={summary['d']}")
