@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from dualsft.data.build import DataBuildConfig
 from dualsft.errors import ConfigError
 from dualsft.io import read_json, read_jsonl, write_json
 from dualsft.report import get, histogram_plot, markdown_table, scatter_plot
+from dualsft.runs import portable_config, portable_path
 from dualsft.scoring.score import ScoreConfig
 from dualsft.selection.select import SelectConfig
 from dualsft.stages import SELECT_WIRING, RunConfig, data_files, refuse_multiprocess, run_stage, stage_config
@@ -250,7 +252,7 @@ def compare_task(cfg: CompareConfig, plan: dict[str, tuple[str, str, str]], seed
                          "summary": summarise_method(per_seed)}
     add_intervals(results, out, seeds, base_dir)
     doc = {"base": base_metrics, "methods": results, "reference": reference_method(results),
-           "config": dataclasses.asdict(cfg)}
+           "config": portable_config(dataclasses.asdict(cfg))}
     write_json(out / "results.json", doc)
     write_outputs(cfg, out, base_metrics, results, scoring[seeds[0]].get("", None))
     return doc
@@ -324,7 +326,8 @@ def select_dualsft(cfg: CompareConfig, order: str, sel: Path, sdir: Path) -> dic
 
     rounds = cfg.select.joint_rounds if order == "joint" else 0
     t0 = time.time()
-    select.main(stage_config(cfg.select, run_dir=str(sdir), out=str(sel.resolve()), joint_rounds=rounds,
+    # --out is relative to --run-dir (the scoring folder): a relative path, so no absolute folder is recorded
+    select.main(stage_config(cfg.select, run_dir=str(sdir), out=os.path.relpath(sel, sdir), joint_rounds=rounds,
                              overwrite=True, plot=False))
     cost = scoring_cost(sdir)
     cost["wall_s"] += time.time() - t0
@@ -553,7 +556,7 @@ def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[st
                                                                                        "general loss"))
     grid = f"lr per method chosen by mean dev loss over {cfg.lr_grid} on seed {seeds[0]}" if cfg.lr_grid.strip() \
         else "every method at --train.lr (no lr grid)"
-    lines = [f"Target task {cfg.data.target_task if not cfg.data_dir else cfg.data_dir}. Budgets: data "
+    lines = [f"Target task {cfg.data.target_task if not cfg.data_dir else portable_path(cfg.data_dir)}. Budgets: data "
              f"{cfg.select.data_budget}, params {cfg.select.param_budget}; seeds {seeds}; {grid}. Cells: mean "
              f"[95% bootstrap CI] over seeds × test items (crossed bootstrap, evaluation.stats); examples per seed: "
              f"{sizes}. selection examples = examples pushed through a model while selecting (DualSFT: its seed's "

@@ -26,7 +26,7 @@ import torch
 from dualsft.config import opt, require
 from dualsft.errors import ArtifactError, MetadataMismatchError
 from dualsft.io import iter_jsonl, load_tensors, write_json, write_jsonl
-from dualsft.runs import build_metadata, file_fingerprint, prepare_stage_dir, require_stage
+from dualsft.runs import build_metadata, file_fingerprint, portable_path, prepare_stage_dir, require_stage
 from dualsft.selection.mask import save_mask
 from dualsft.selection.policy import MaskSelection, MaskSpec, check_mask_request, select_mask, select_subset
 from dualsft.selection.report import mask_counts, plot_density, subset_overlap
@@ -198,7 +198,7 @@ def _run(cfg: SelectConfig, threads: int) -> int:
     model_info = smeta.get("model") or {}
     meta = build_metadata("selection", cfg, model_info.get("id"), model_info.get("fingerprint"),
                           data_files={"pool": pool_path},
-                          extra={"scores": {"folder": str(sdir),
+                          extra={"scores": {"folder": portable_path(sdir),
                                             "metadata_fingerprint": file_fingerprint(sdir / "metadata.json")}})
     try:
         out = prepare_stage_dir(run, cfg.out, meta, overwrite=cfg.overwrite)
