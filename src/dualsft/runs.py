@@ -23,16 +23,12 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from dualsft.config import PATH_OPTIONS
 from dualsft.errors import ArtifactError, MetadataMismatchError
 from dualsft.io import read_json, write_json
 
 # Fields that describe the environment or the moment, not the result: never compared.
 VOLATILE = ("created", "versions", "host", "wall_time_s", "resumable")
-# Config options that name a file or folder (where things are, not how they are made): recorded relative to
-# the working directory, not compared on reuse (what they point to is fingerprinted), never taken as a
-# default from a run folder (dualsft.config). Model ids (--model, --base-model) are recorded as given.
-PATH_OPTIONS = ("run_dir", "out", "data_dir", "pool", "target", "subset", "mask", "train_file", "train_dir",
-                "curvature")
 
 
 def portable_path(path: str | os.PathLike) -> str:

@@ -105,7 +105,7 @@ class CompareConfig(RunConfig):
     less_dim: int = opt(8192, "projection dimension of the LESS-style baseline")
     select: SelectConfig = section(SelectConfig, "selection (`dualsft select`) of the DualSFT methods; joint_rounds "
                                    "is dualsft-joint's (the others select independently)", **SELECT_WIRING,
-                                   joint_rounds=1)
+                                   local=("joint_rounds",), joint_rounds=1)
 
 
 CONFIG = CompareConfig
