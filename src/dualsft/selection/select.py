@@ -91,8 +91,9 @@ def scores_pool_path(meta: dict, scores_dir: Path) -> Path:
         raise ArtifactError(f"{scores_dir}/metadata.json records no data.pool.path; rerun `dualsft score`")
     path = Path(pool["path"])
     if not path.exists():
-        raise ArtifactError(f"the pool {path} recorded in {scores_dir}/metadata.json no longer exists; restore it "
-                            "or rerun `dualsft score`")
+        raise ArtifactError(f"the pool {path} recorded in {scores_dir}/metadata.json no longer exists (recorded "
+                            "paths are relative to the folder the command ran in): run from there, restore it, or "
+                            "rerun `dualsft score`")
     fp = file_fingerprint(path)
     if pool.get("fingerprint") and pool["fingerprint"] != fp:
         raise MetadataMismatchError(f"the pool {path} changed since scoring (fingerprint {pool['fingerprint']} "
