@@ -23,7 +23,8 @@ Writes RUN/<out>/ (default RUN/compare/):
     base/eval/        the base model's test evaluation
     <method>/seed<s>/{selection,train[-lr<lr>],eval}/   every intermediate artifact, resumable
     <method>/seed<s>/selection_cost.json      the selection's cost record (written last: the resume mark)
-The options are `dualsft run`'s (the stage sections) plus the methods, seeds, lr grid and tasks. A method
+The options are `dualsft run`'s (the stage sections) plus the methods, seeds, lr grid and tasks; on a run
+folder `dualsft run` made, the settings it recorded are the defaults (its data is reused; dualsft.config). A method
 is a data selector and a parameter selector of dualsft.baselines.registry ("dualsft" among them: the
 seed's scores ranked as `dualsft select` ranks them); dualsft and dualsft-joint run the `dualsft select`
 stage itself; ``dualsft@VARIANT`` (VARIANTS: e.g. noprior = λ_prior 0) scores with that variant's score
