@@ -8,7 +8,7 @@ objects are never mutated.
 A command that reuses a run folder (``--run-dir RUN``) takes the settings its stages recorded there
 (RUN/<stage>/metadata.json "config") as its defaults (``recorded_values``): `dualsft run --data.target-task
 products --run-dir R` then `dualsft compare --run-dir R` builds nothing new for R/data and trains the model R
-was made with. Locations (runs.PATH_OPTIONS) and --overwrite are never taken from a run folder. A flag the
+was made with. Locations (PATH_OPTIONS) and --overwrite are never taken from a run folder. A flag the
 user passes still wins; if it differs from what an already-run stage recorded, that stage refuses it
 (MetadataMismatchError naming the field) unless --overwrite.
 
@@ -248,7 +248,10 @@ def recorded_config(run_dir: str | Path, folder: str) -> dict[str, Any]:
     path = Path(run_dir) / folder / "metadata.json"
     if not path.is_file():
         return {}
-    config = json.loads(path.read_text()).get("config")
+    try:
+        config = json.loads(path.read_text()).get("config")
+    except (ValueError, AttributeError):  # unreadable: the stage itself says so when it reads the folder
+        return {}
     return config if isinstance(config, dict) else {}
 
 
@@ -257,7 +260,7 @@ def recorded_values(cls: type, run_dir: str | Path) -> dict[str, Any]:
 
     A stage's own command reads RUN/<its folder>; a multi-stage config reads each section's stage folder;
     the common options come from the command's own stage, else the first of COMMON_SOURCES that ran.
-    Never read: locations (runs.PATH_OPTIONS), --overwrite, deprecated aliases, a section's ``local``
+    Never read: locations (PATH_OPTIONS), --overwrite, deprecated aliases, a section's ``local``
     options, a value of the wrong type (an older version's record), a key this version does not have.
     """
     skip = {*PATH_OPTIONS, "overwrite"}
