@@ -1,6 +1,6 @@
 """Scoring cost, side by side in one run (issue 3): the pool passes of DualSFT against a plain training pass.
 
-    DUALSFT_CACHE=/work/cache python bench/bench_scoring.py --n 64 --batch-size 4 --repeats 3
+    python bench/bench_scoring.py --n 64 --batch-size 4 --repeats 3
 
 Variants, all over the same length-sorted pool batches (the target/anchor passes are common to every
 variant and excluded):

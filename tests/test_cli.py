@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -155,3 +156,41 @@ def test_preset_release_resolves_the_release_settings_and_flags_win():
 
     assert load_yaml(Path(__file__).parents[1] / "configs" / "release.yaml") == PRESETS["release"]
     assert preset_values(RunConfig, "release") == PRESETS["release"]
+
+
+def write_stage(run, folder, config):
+    """A fabricated RUN/<folder>/metadata.json recording ``config`` (what a finished stage leaves)."""
+    (run / folder).mkdir(parents=True)
+    (run / folder / "metadata.json").write_text(json.dumps({"stage": folder, "config": config}))
+
+
+def test_a_run_folders_recorded_settings_are_defaults_under_yaml_and_flags(tmp_path, caplog, monkeypatch):
+    """defaults < RUN's recorded settings < YAML < flags; locations, --overwrite, a section's local options, a
+    value of the wrong type and an unknown key are not taken; the settings taken are logged."""
+    monkeypatch.chdir(tmp_path)  # so the default run folder (runs/main) is not this checkout's
+    run = tmp_path / "run"
+    write_stage(run, "data", {"run_dir": "elsewhere", "out": "x", "target_task": "products", "val_size": 4,
+                              "seed": 0, "overwrite": True, "no_such_option": 1})
+    write_stage(run, "warmup", {"run_dir": "elsewhere", "model": "some/model", "max_length": 640, "seed": 3,
+                                "pool": "p.jsonl", "lr": 1e-3})
+    write_stage(run, "scores", {"batch_size": 2, "eta": "not a number", "lambda_prior": 0.5})
+    write_stage(run, "selection", {"joint_rounds": 0, "param_budget": 0.05, "out": "selection"})
+    y = tmp_path / "c.yaml"
+    y.write_text("score: {lambda_prior: 0.3}\n")
+    cfg = run_config(["--run-dir", str(run), "--config", str(y), "--warmup.lr", "5e-4"])
+    assert (cfg.model, cfg.max_length, cfg.seed, cfg.overwrite) == ("some/model", 640, 3, False)
+    assert (cfg.data.target_task, cfg.data.val_size, cfg.data.out) == ("products", 4, "")
+    assert (cfg.warmup.lr, cfg.warmup.pool, cfg.score.batch_size, cfg.score.eta) == (5e-4, "", 2, 2e-5)
+    assert (cfg.score.lambda_prior, cfg.select.param_budget, cfg.run_dir) == (0.3, 0.05, str(run))
+    assert "data.val_size=4" in caplog.text and "model='some/model'" in caplog.text
+    assert "warmup.lr" not in caplog.text and "lambda_prior" not in caplog.text
+    parser, _ = build_parser()
+    args = vars(parser.parse_args(["compare", "--run-dir", str(run)]))
+    compare = build_config(CompareConfig, {k: v for k, v in args.items() if k not in ("_module", "command",
+                                                                                       "subcommand", "verbose")})
+    assert (compare.data.val_size, compare.data.test_size, compare.select.param_budget) == (4, 256, 0.05)
+    assert compare.select.joint_rounds == 1  # compare's dualsft-joint rounds: its own, not the recorded select's
+    single = build_config(TrainConfig, {"run_dir": str(run)})  # train has not run: common options from warmup
+    assert (single.model, single.max_length, single.lr) == ("some/model", 640, None)
+    assert build_config(TrainConfig, {"run_dir": str(run)}, from_run=False).model == TrainConfig().model
+    assert run_config([]) == RunConfig()  # no such run folder: the defaults

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -17,6 +19,7 @@ TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4
         "--train.micro-batch-size", "4", "--train.epochs", "1", "--eval.max-examples", "2", "--eval.batch-size", "4",
         "--score.lambda-prior", "0.2", "--data.dev-size", "4"]
 ONE_LR = ["--lr-grid", ""]  # compare's lr grid is tested once (test_compare_lr_grid_and_tasks); elsewhere train.lr
+ABSOLUTE = re.compile(r"""(^|[\s"'(])/(work|root|tmp|home|Users)/""")  # this machine's folders
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +43,44 @@ def test_run_writes_every_stage_and_a_report(tmp_path, micro_model_dir, capsys):
     assert f"report: {run / 'report.md'}" in capsys.readouterr().out
     # a rerun resumes: every stage finds its folder complete and the report is rewritten
     assert cli(["run", "--model", str(micro_model_dir), "--run-dir", str(run), *TINY]) == 0
+
+
+@pytest.mark.slow
+def test_commands_reuse_a_run_folders_settings_and_record_no_absolute_path(tmp_path, micro_model_dir, monkeypatch,
+                                                                           caplog):
+    """`dualsft run --data.target-task products --run-dir run`, then `dualsft compare --run-dir run` without the
+    data, model or stage flags: compare takes run's recorded settings instead of stopping at a metadata mismatch
+    (a flag still wins; one for a stage compare writes anew is accepted); a flag that differs from a stage that
+    already ran is refused naming the field. No .md/.json written under the run folder names an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    model = os.path.relpath(micro_model_dir, tmp_path)  # a model id is recorded as given: pass a relative one
+    assert cli(["run", "--model", model, "--run-dir", "run", *TINY, "--data.target-task", "products"]) == 0
+    def data_record():  # the data build rewrites its metadata (a new "created"); settings and fingerprints stay
+        meta = json.loads((tmp_path / "run" / "data" / "metadata.json").read_text())
+        return meta["config"], meta["data"]
+
+    data_meta = data_record()
+    caplog.clear()
+    assert cli(["compare", "--run-dir", "run", "--methods", "dualsft,random", "--seeds", "0", "--score.batch-size",
+                "2", *ONE_LR]) == 0
+    assert "settings taken from the run folder run" in caplog.text and f"model={model!r}" in caplog.text
+    assert "data.val_size=4" in caplog.text and "score.batch_size" not in caplog.text
+    assert data_record() == data_meta  # run's data, reused as it was
+    res = json.loads((tmp_path / "run" / "compare" / "results.json").read_text())
+    assert (res["config"]["model"], res["config"]["data"]["val_size"], res["config"]["train"]["epochs"]) == (model, 4, 1)
+    scores = json.loads((tmp_path / "run" / "compare" / "scoring" / "seed0" / "scores" / "metadata.json").read_text())
+    assert scores["config"]["batch_size"] == 2  # the flag won over run's recorded 4 (a folder compare writes anew)
+    assert cli(["train", "--run-dir", "run"]) == 0 and "already holds a finished run" in caplog.text
+    caplog.clear()
+    assert cli(["compare", "--run-dir", "run", "--data.target-task", "gcd", "--methods", "dualsft", "--seeds", "0"]) == 2
+    assert "MetadataMismatchError" in caplog.text and "'config.target_task'" in caplog.text and "--overwrite" in caplog.text
+    assert cli(["select", "--run-dir", "run", "--param-budget", "0.05"]) == 2 and "'config.param_budget'" in caplog.text
+    assert cli(["select", "--run-dir", "run", "--param-budget", "0.05", "--out", "selection-b"]) == 0
+    written = [p for p in (tmp_path / "run").rglob("*") if p.suffix in (".md", ".json") and p.is_file()]
+    assert len(written) > 30
+    for p in written:
+        text = p.read_text()
+        assert str(tmp_path) not in text and not ABSOLUTE.search(text), p
 
 
 @pytest.mark.slow

@@ -2,7 +2,15 @@
 
 CLI flags (``--field-name``) and YAML files (``--config f.yaml`` with ``field_name: value``) are derived
 from the dataclass fields; each field's ``metadata["help"]`` is its documentation. Precedence:
-dataclass default < YAML file < explicit CLI flag. The user's objects are never mutated.
+dataclass default < the run folder's recorded settings < preset < YAML file < explicit CLI flag. The user's
+objects are never mutated.
+
+A command that reuses a run folder (``--run-dir RUN``) takes the settings its stages recorded there
+(RUN/<stage>/metadata.json "config") as its defaults (``recorded_values``): `dualsft run --data.target-task
+products --run-dir R` then `dualsft compare --run-dir R` builds nothing new for R/data and trains the model R
+was made with. Locations (PATH_OPTIONS) and --overwrite are never taken from a run folder. A flag the
+user passes still wins; if it differs from what an already-run stage recorded, that stage refuses it
+(MetadataMismatchError naming the field) unless --overwrite.
 
 A config that runs several stages (``dualsft run``) holds each stage's config as a *section* field
 (``section(...)``): YAML ``score: {batch_size: 8}`` and flags ``--score.batch-size 8`` are derived from
@@ -14,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +32,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from dualsft.errors import ConfigError
 
+log = logging.getLogger(__name__)
 C = TypeVar("C")
+# Options that name a file or folder (where things are, not how they are made): recorded relative to the
+# working directory (runs.portable_path), not compared on reuse (what they point to is fingerprinted), never
+# taken as a default from a run folder. Model ids (--model, --base-model) are recorded as given.
+PATH_OPTIONS = ("run_dir", "out", "data_dir", "pool", "target", "subset", "mask", "train_file", "train_dir",
+                "curvature")
 Template = Literal["chat", "plain", "release"]
 
 # Named presets: option values under the defaults' layer (defaults < preset < YAML < CLI flags), keyed like a
@@ -74,14 +90,17 @@ def require(ok: bool, flag: str, value: Any, need: str) -> None:
         raise ConfigError(f"--{flag} {value!r}: {need}")
 
 
-def section(cls: type, help: str, wired: tuple[str, ...] = (), own: tuple[str, ...] = (), **defaults: Any) -> Any:
+def section(cls: type, help: str, wired: tuple[str, ...] = (), own: tuple[str, ...] = (),
+            local: tuple[str, ...] = (), **defaults: Any) -> Any:
     """A field holding one stage's config ``cls`` inside a multi-stage config.
 
     ``defaults``: this config's own defaults where they differ from the stage's (declared once, here).
     ``wired``: the stage's fields the orchestrator sets itself (paths from one stage to the next); not options.
     ``own``: fields named like a common option that keep the stage's own meaning (not passed down).
+    ``local``: options whose meaning is this command's own, never read from a run folder's recorded stage.
     """
-    return field(default=cls(**defaults), metadata={"help": help, "section": cls, "wired": wired, "own": own})
+    return field(default=cls(**defaults), metadata={"help": help, "section": cls, "wired": wired, "own": own,
+                                                    "local": local})
 
 
 def section_fields(cls: type) -> list[dataclasses.Field]:
@@ -182,11 +201,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             for k, v in data.items()}
 
 
-def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None = None, **overrides: Any) -> C:
-    """Resolve a config: dataclass defaults < YAML (``args.config``) < CLI values < keyword overrides.
+def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None = None, *, from_run: bool = True,
+                 **overrides: Any) -> C:
+    """Resolve a config: dataclass defaults < the run folder's recorded settings (``from_run``; see
+    ``recorded_values``) < preset < YAML (``args.config``) < CLI values < keyword overrides.
 
-    A section's values come as YAML ``name: {field: value}`` or as flat ``name.field`` keys (the CLI's).
-    Unknown keys raise ConfigError naming them and the valid options.
+    ``args`` holds only the values the user gave (the CLI's flags default to SUPPRESS). A section's values
+    come as YAML ``name: {field: value}`` or as flat ``name.field`` keys (the CLI's). Unknown keys raise
+    ConfigError naming them and the valid options.
     """
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
     given.pop("command", None)
@@ -194,6 +216,9 @@ def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None 
     yaml_path = given.pop("config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     values = merge_layers(preset_values(cls, given.pop("preset", None)), load_yaml(yaml_path) if yaml_path else {})
+    if from_run:
+        run_dir = overrides.get("run_dir", given.get("run_dir", values.get("run_dir")))
+        values = with_recorded(cls, run_dir, values, {**given, **overrides})
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"--config {yaml_path}: unknown option(s) {unknown} for {cls.__name__}; "
@@ -214,6 +239,82 @@ def build_config(cls: type[C], args: argparse.Namespace | dict[str, Any] | None 
         if name not in values:
             values[name] = dataclasses.replace(f.default, **_checked_options(f, nested[name]))
     return cls(**values)
+
+
+# The run-folder stage each stage config records itself in (RUN/<folder>/metadata.json, "config").
+STAGE_FOLDERS: dict[str, str] = {"DataBuildConfig": "data", "WarmupConfig": "warmup", "ScoreConfig": "scores",
+                                 "SelectConfig": "selection", "TrainConfig": "train", "EvalConfig": "eval"}
+# Where the common options (CommonConfig) are read from when the command's own stage has not run yet.
+COMMON_SOURCES = ("warmup", "scores", "train", "eval")
+
+
+def recorded_config(run_dir: str | Path, folder: str) -> dict[str, Any]:
+    """The "config" RUN/<folder>/metadata.json recorded ({} when the stage has not run)."""
+    path = Path(run_dir) / folder / "metadata.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text()).get("config")
+    except (ValueError, AttributeError):  # unreadable: the stage itself says so when it reads the folder
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def recorded_values(cls: type, run_dir: str | Path) -> dict[str, Any]:
+    """The settings of ``cls`` recorded in the run folder, shaped like a YAML file of ``cls`` ({} for none).
+
+    A stage's own command reads RUN/<its folder>; a multi-stage config reads each section's stage folder;
+    the common options come from the command's own stage, else the first of COMMON_SOURCES that ran.
+    Never read: locations (PATH_OPTIONS), --overwrite, deprecated aliases, a section's ``local``
+    options, a value of the wrong type (an older version's record), a key this version does not have.
+    """
+    skip = {*PATH_OPTIONS, "overwrite"}
+    own = recorded_config(run_dir, STAGE_FOLDERS[cls.__name__]) if cls.__name__ in STAGE_FOLDERS else {}
+    out = _typed(cls, own, {f.name for f in dataclasses.fields(cls) if not f.metadata.get("deprecated")} - skip)
+    if issubclass(cls, CommonConfig) and not own:
+        common = next((c for c in (recorded_config(run_dir, s) for s in COMMON_SOURCES) if c), {})
+        out.update(_typed(cls, common, {f.name for f in dataclasses.fields(CommonConfig)} - skip))
+    for f in section_fields(cls):
+        stage = recorded_config(run_dir, STAGE_FOLDERS[f.metadata["section"].__name__])
+        options = {g.name for g in section_options(f)} - skip - set(f.metadata.get("local", ()))
+        if stage_values := _typed(f.metadata["section"], stage, options):
+            out[f.name] = stage_values
+    return out
+
+
+def _typed(cls: type, recorded: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """The recorded values of ``names`` that ``cls``'s field types accept (checked like YAML values)."""
+    out = {}
+    for k in sorted(names & set(recorded)):
+        try:
+            out.update(check_yaml_values(cls, {k: recorded[k]}, "run folder"))
+        except ConfigError:
+            log.debug("recorded %s=%r does not fit this version's %s; not used", k, recorded[k], cls.__name__)
+    return out
+
+
+def with_recorded(cls: type, run_dir: str | None, values: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (preset + YAML, YAML-shaped) over the run folder's recorded settings. Logs the recorded
+    settings that change a default and that neither ``values`` nor ``flags`` (flat ``name`` /
+    ``section.name`` keys, as the CLI gives them) set."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "run_dir" not in fields:
+        return values
+    run_dir = run_dir or fields["run_dir"].default
+    recorded = recorded_values(cls, run_dir)
+    taken = []
+    for key, v in recorded.items():
+        if not isinstance(v, dict):
+            if key not in values and key not in flags and v != fields[key].default:
+                taken.append(f"{key}={v!r}")
+            continue
+        for option, w in v.items():
+            higher = values.get(key) if isinstance(values.get(key), dict) else {}
+            if option not in higher and f"{key}.{option}" not in flags and w != getattr(fields[key].default, option):
+                taken.append(f"{key}.{option}={w!r}")
+    if taken:
+        log.info("settings taken from the run folder %s (flags win): %s", run_dir, ", ".join(taken))
+    return merge_layers(recorded, values)
 
 
 def preset_values(cls: type, name: str | None) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from typing import Any
 
 from dualsft.io import atomic_write_text, read_json, read_jsonl, write_json
 from dualsft.report import fmt_stat, get, histogram_plot, markdown_table
+from dualsft.runs import portable_path
 from dualsft.selection.report import composition_table
-from dualsft.stages import RunConfig, builds_data, data_files, data_sources, refuse_multiprocess, run_stage, stage_config
+from dualsft.stages import RunConfig, builds_data, data_sources, refuse_multiprocess, run_stage, stage_config
 
 HELP = "run the whole pipeline (data, warm-up, scoring, selection, restricted training, evaluation, report)"
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def main(cfg: RunConfig) -> int:
     refuse_multiprocess("run")
     t0 = time.time()
     run = Path(cfg.run_dir)
-    files, sources = data_files(cfg), data_sources(cfg)
+    sources = data_sources(cfg)
     timings: dict[str, float] = {}
     if builds_data(cfg):
         run_stage("data build", build.main, cfg.data, timings)
@@ -44,7 +45,8 @@ def main(cfg: RunConfig) -> int:
     run_stage("score", score.main, stage_config(cfg.score, pool=pool, target=val), timings)
     run_stage("select", select.main, cfg.select, timings)
     run_stage("train", train.main, cfg.train, timings)
-    run_stage("eval", evaluate.main, stage_config(cfg.eval, data_dir=str(files["test"].parent), test=cfg.test), timings)
+    # --data-dir as given ("" = RUN/data, eval's own default), so `dualsft eval --run-dir RUN` finds the same config
+    run_stage("eval", evaluate.main, stage_config(cfg.eval, data_dir=cfg.data_dir, test=cfg.test), timings)
     timings["total"] = round(time.time() - t0, 1)
     write_json(run / "timings.json", timings)
     report = write_report(run, timings)
@@ -70,7 +72,7 @@ def write_report(run: Path, timings: dict[str, float]) -> Path:
         if base is None and tuned is None:
             continue
         rows.append([label, fmt_stat(base, pct=pct), fmt_stat(tuned, pct=pct)])
-    lines = [f"# dualsft run report: {run}\n",
+    lines = [f"# dualsft run report: {portable_path(run)}\n",
              "## Base vs tuned\n", markdown_table(["metric", "base", "tuned (DualSFT)"], rows),
              "\nMeans ± standard deviation over examples, n examples. Exact match uses the task's own scorer on greedy "
              "generations.\n",

@@ -4,6 +4,11 @@ RUN/
   data/ warmup/ scores/ selection/ train/ eval/ compare/   (one per stage)
   <stage>/metadata.json  {versions, model id + weight fingerprint, data fingerprints, resolved config}
 A stage refuses to write into a folder whose metadata differs (naming the field) unless --overwrite.
+
+Paths are recorded relative to the working directory the command ran in (``portable_path``), never as this
+machine's absolute folders, so a run folder can be shared. Where a path option points (PATH_OPTIONS, and each
+data file's "path") is not compared on reuse: the files' fingerprints are, so a run folder spelled another way
+(or reached from another working directory) is still the same run.
 """
 
 from __future__ import annotations
@@ -18,11 +23,33 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from dualsft.config import PATH_OPTIONS
 from dualsft.errors import ArtifactError, MetadataMismatchError
 from dualsft.io import read_json, write_json
 
 # Fields that describe the environment or the moment, not the result: never compared.
 VOLATILE = ("created", "versions", "host", "wall_time_s", "resumable")
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as written into an artifact: relative to the working directory (``../..`` if it lies outside
+    it) so no machine's absolute folders are recorded; a relative path is kept as given."""
+    p = os.fspath(path)
+    return os.path.relpath(p) if os.path.isabs(p) else p
+
+
+def portable_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict (sections nested) with every PATH_OPTIONS value made portable; eval's
+    comma list of train folders is made portable piece by piece ('auto'/'none' are kept)."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out[k] = portable_config(v)
+        elif k in PATH_OPTIONS and isinstance(v, (str, Path)) and str(v):
+            out[k] = ",".join(portable_path(p) for p in str(v).split(","))
+        else:
+            out[k] = str(v) if isinstance(v, Path) else v
+    return out
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -60,8 +87,8 @@ def build_metadata(stage: str, config: Any, model_id: str | None = None, model_f
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions(),
         "model": {"id": model_id, "fingerprint": model_fingerprint},
-        "data": {k: source_fingerprint(v) for k, v in (data_files or {}).items()},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
+        "data": {k: {**source_fingerprint(v), "path": portable_path(v)} for k, v in (data_files or {}).items()},
+        "config": portable_config(cfg),
         **(extra or {}),
     }
 
@@ -83,17 +110,19 @@ def prepare_stage_dir(run_dir: str | os.PathLike, stage: str, metadata: dict, ov
                       ignore: tuple[str, ...] = ()) -> Path:
     """Create RUN/<stage>, or check an existing one's metadata.
 
-    Returns the stage folder. If it exists with metadata that differs (outside VOLATILE and ``ignore``,
-    given as dotted names), raises MetadataMismatchError naming the field, unless ``overwrite`` (then the
-    folder is cleared). Equal metadata keeps the folder and its metadata.json untouched (so a stage can
-    resume, and later stages that fingerprint this metadata still match).
+    Returns the stage folder. If it exists with metadata that differs (outside VOLATILE, the locations
+    ``locations`` lists and ``ignore``, given as dotted names), raises MetadataMismatchError naming the
+    field, unless ``overwrite`` (then the folder is cleared). Equal metadata keeps the folder and its
+    metadata.json untouched (so a stage can resume, and later stages that fingerprint this metadata
+    still match).
     """
     d = Path(run_dir) / stage
     meta_path = d / "metadata.json"
     same = False
     if meta_path.exists():
         old = read_json(meta_path)
-        diff = first_difference(_strip(old, ignore), _strip(metadata, ignore))
+        skip = (*ignore, *locations(old), *locations(metadata))
+        diff = first_difference(_strip(old, skip), _strip(metadata, skip))
         if diff and not overwrite:
             raise MetadataMismatchError(
                 f"{d} was made with different settings: field {diff!r} is {_get(old, diff)!r} there but "
@@ -112,6 +141,12 @@ def prepare_stage_dir(run_dir: str | os.PathLike, stage: str, metadata: dict, ov
     if not same:  # an equal folder keeps its metadata.json byte for byte (later stages fingerprint it)
         write_json(meta_path, metadata)
     return d
+
+
+def locations(meta: dict) -> tuple[str, ...]:
+    """Dotted names of the metadata's locations: config.<path option> and data.<file>.path (not compared)."""
+    files = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    return (*(f"config.{k}" for k in PATH_OPTIONS), *(f"data.{k}.path" for k in files))
 
 
 def require_stage(run_dir: str | os.PathLike, stage: str, files: tuple[str, ...] = ()) -> dict:

@@ -23,7 +23,8 @@ Writes RUN/<out>/ (default RUN/compare/):
     base/eval/        the base model's test evaluation
     <method>/seed<s>/{selection,train[-lr<lr>],eval}/   every intermediate artifact, resumable
     <method>/seed<s>/selection_cost.json      the selection's cost record (written last: the resume mark)
-The options are `dualsft run`'s (the stage sections) plus the methods, seeds, lr grid and tasks. A method
+The options are `dualsft run`'s (the stage sections) plus the methods, seeds, lr grid and tasks; on a run
+folder `dualsft run` made, the settings it recorded are the defaults (its data is reused; dualsft.config). A method
 is a data selector and a parameter selector of dualsft.baselines.registry ("dualsft" among them: the
 seed's scores ranked as `dualsft select` ranks them); dualsft and dualsft-joint run the `dualsft select`
 stage itself; ``dualsft@VARIANT`` (VARIANTS: e.g. noprior = λ_prior 0) scores with that variant's score
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from dualsft.data.build import DataBuildConfig
 from dualsft.errors import ConfigError
 from dualsft.io import read_json, read_jsonl, write_json
 from dualsft.report import get, histogram_plot, markdown_table, scatter_plot
+from dualsft.runs import portable_config, portable_path
 from dualsft.scoring.score import ScoreConfig
 from dualsft.selection.select import SelectConfig
 from dualsft.stages import SELECT_WIRING, RunConfig, data_files, refuse_multiprocess, run_stage, stage_config
@@ -103,7 +106,7 @@ class CompareConfig(RunConfig):
     less_dim: int = opt(8192, "projection dimension of the LESS-style baseline")
     select: SelectConfig = section(SelectConfig, "selection (`dualsft select`) of the DualSFT methods; joint_rounds "
                                    "is dualsft-joint's (the others select independently)", **SELECT_WIRING,
-                                   joint_rounds=1)
+                                   local=("joint_rounds",), joint_rounds=1)
 
 
 CONFIG = CompareConfig
@@ -253,7 +256,7 @@ def compare_task(cfg: CompareConfig, plan: dict[str, tuple[str, str, str]], seed
                          "summary": summarise_method(per_seed)}
     add_intervals(results, out, seeds, base_dir)
     doc = {"base": base_metrics, "methods": results, "reference": reference_method(results),
-           "config": dataclasses.asdict(cfg)}
+           "config": portable_config(dataclasses.asdict(cfg))}
     write_json(out / "results.json", doc)
     write_outputs(cfg, out, base_metrics, results, scoring[seeds[0]].get("", None))
     return doc
@@ -327,7 +330,8 @@ def select_dualsft(cfg: CompareConfig, order: str, sel: Path, sdir: Path) -> dic
 
     rounds = cfg.select.joint_rounds if order == "joint" else 0
     t0 = time.time()
-    select.main(stage_config(cfg.select, run_dir=str(sdir), out=str(sel.resolve()), joint_rounds=rounds,
+    # --out is relative to --run-dir (the scoring folder): a relative path, so no absolute folder is recorded
+    select.main(stage_config(cfg.select, run_dir=str(sdir), out=os.path.relpath(sel, sdir), joint_rounds=rounds,
                              overwrite=True, plot=False))
     cost = scoring_cost(sdir)
     cost["wall_s"] += time.time() - t0
@@ -558,7 +562,7 @@ def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[st
                                                                                        "general loss"))
     grid = f"lr per method chosen by mean dev loss over {cfg.lr_grid} on seed {seeds[0]}" if cfg.lr_grid.strip() \
         else "every method at --train.lr (no lr grid)"
-    lines = [f"Target task {cfg.data.target_task if not cfg.data_dir else cfg.data_dir}. Budgets: data "
+    lines = [f"Target task {cfg.data.target_task if not cfg.data_dir else portable_path(cfg.data_dir)}. Budgets: data "
              f"{cfg.select.data_budget}, params {cfg.select.param_budget}; seeds {seeds}; {grid}. Cells: mean "
              f"[95% bootstrap CI] over seeds × test items (crossed bootstrap, evaluation.stats); examples per seed: "
              f"{sizes}. selection examples = examples pushed through a model while selecting (DualSFT: its seed's "

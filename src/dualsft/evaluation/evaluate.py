@@ -47,7 +47,7 @@ from dualsft.evaluation.metrics import aggregate_runs, per_example_kl, summarise
 from dualsft.io import write_json, write_jsonl
 from dualsft.losses import IGNORE_INDEX, per_example_loss_from_logits
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
-from dualsft.runs import build_metadata, file_fingerprint, prepare_stage_dir
+from dualsft.runs import build_metadata, file_fingerprint, portable_path, prepare_stage_dir
 
 __all__ = ["EvalConfig", "EvalSets", "evaluate_model", "load_eval_sets", "summarise", "aggregate_runs",
            "score_answer", "main"]
@@ -341,7 +341,7 @@ def main(cfg: EvalConfig) -> int:
         raise ArtifactError(f"{data_dir / 'test.jsonl'} is missing: run `dualsft data build` first or pass --data-dir "
                             "or --test")
     meta = build_metadata("eval", cfg, model_id=cfg.model, model_fingerprint=base_fp, data_files=data_files,
-                          extra={"train_dirs": {str(d): run_fingerprint(d) for d in train_dirs},
+                          extra={"train_dirs": {portable_path(d): run_fingerprint(d) for d in train_dirs},
                                  "base_model": base_id or None})
     d = prepare_stage_dir(out.parent, out.name, meta, overwrite=cfg.overwrite)
     results: dict[str, Any] = {}

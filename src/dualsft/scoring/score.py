@@ -55,7 +55,7 @@ from dualsft.method import (
     param_scores,
 )
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
-from dualsft.runs import build_metadata, prepare_stage_dir
+from dualsft.runs import build_metadata, portable_path, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.scoring.passes import sharded_pass
 from dualsft.scoring.prior import normalise_prior, prior_accumulators, prior_normaliser, prior_step, split_prior_sums
@@ -177,7 +177,8 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
     target = load_split(cfg.target, tokenizer, cfg, "target")
     if not target:
         raise ConfigError("the target set is empty: v_new needs at least one target example")
-    model_id = cfg.model if at_theta0 else warm["model_dir"]  # type: ignore[index]
+    # θw's folder is recorded as the scores' model (select reloads it): relative, like every recorded path
+    model_id = cfg.model if at_theta0 else portable_path(warm["model_dir"])  # type: ignore[index]
     model = load_model(model_id, cfg.dtype, dist.rank_device(cfg.device))
     data_files = {"pool": cfg.pool, "target": cfg.target, **({"curvature": c_path} if c_path else {})}
     meta = build_metadata("scores", cfg, model_id=model_id, model_fingerprint=model_fingerprint(model),
@@ -301,7 +302,8 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "order": cfg.order, "eta": cfg.eta, "lambda_new": cfg.lambda_new, "lambda_prior": cfg.lambda_prior,
         "tau": cfg.tau, "confidence": cfg.confidence, "prior_normalisation": cfg.prior_normalisation,
         "method": cfg.method, "stats_dtype": cfg.stats_dtype, "scored_at": scored_at(inp.at_theta0),
-        "curvature": inp.c_path, "coverage": coverage(inp.model), "passes": list(timings), "timings": timings,
+        "curvature": inp.c_path and portable_path(inp.c_path), "coverage": coverage(inp.model),
+        "passes": list(timings), "timings": timings,
         "examples_per_s": len(inp.pool) / pool_wall, "u_term_norms": stats["norms"], "pool_size": len(inp.pool),
         "target_size": len(inp.target), "anchor_indices": [inp.pool[i].index for i in info["anchors"]],
         "skipped": info["skipped"], "mean_pool_loss": float(rows["losses"].mean()), "files": FILES,

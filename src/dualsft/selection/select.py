@@ -26,7 +26,7 @@ import torch
 from dualsft.config import opt, require
 from dualsft.errors import ArtifactError, DataFormatError, MetadataMismatchError
 from dualsft.io import iter_jsonl, load_tensors, write_json, write_jsonl
-from dualsft.runs import build_metadata, file_fingerprint, prepare_stage_dir, require_stage
+from dualsft.runs import build_metadata, file_fingerprint, portable_path, prepare_stage_dir, require_stage
 from dualsft.selection.mask import save_mask
 from dualsft.selection.policy import MaskSelection, MaskSpec, check_mask_request, select_mask, select_subset
 from dualsft.selection.report import mask_counts, plot_density, subset_overlap
@@ -96,8 +96,9 @@ def scores_pool_path(meta: dict, scores_dir: Path) -> str:
     try:
         fp = source_fingerprint(path)["fingerprint"]
     except DataFormatError as e:
-        raise ArtifactError(f"the pool {path} recorded in {scores_dir}/metadata.json cannot be read any more ({e}); "
-                            "restore it or rerun `dualsft score`") from e
+        raise ArtifactError(f"the pool {path} recorded in {scores_dir}/metadata.json cannot be read any more ({e}; recorded "
+                            "paths are relative to the folder the command ran in): run from there, restore it, or rerun "
+                            "`dualsft score`") from e
     if pool.get("fingerprint") and pool["fingerprint"] != fp:
         raise MetadataMismatchError(f"the pool {path} changed since scoring (fingerprint {pool['fingerprint']} "
                                     f"then, {fp} now); rerun `dualsft score` on it", "data.pool.fingerprint")
@@ -202,7 +203,7 @@ def _run(cfg: SelectConfig, threads: int) -> int:
     model_info = smeta.get("model") or {}
     meta = build_metadata("selection", cfg, model_info.get("id"), model_info.get("fingerprint"),
                           data_files={"pool": pool_path},
-                          extra={"scores": {"folder": str(sdir),
+                          extra={"scores": {"folder": portable_path(sdir),
                                             "metadata_fingerprint": file_fingerprint(sdir / "metadata.json")}})
     try:
         out = prepare_stage_dir(run, cfg.out, meta, overwrite=cfg.overwrite)

@@ -29,7 +29,7 @@ from dualsft import distributed as dist
 from dualsft.config import CommonConfig, opt, require
 from dualsft.errors import ArtifactError
 from dualsft.io import read_json, write_json, write_jsonl
-from dualsft.runs import build_metadata, prepare_stage_dir
+from dualsft.runs import build_metadata, portable_config, prepare_stage_dir
 from dualsft.training.checkpoint import clear_checkpoints
 from dualsft.training.delta import DELTA_FILE, LORA_DIR, extract_delta, save_delta
 from dualsft.training.loop import TrainResult, TrainSettings, resolved_lr, train_restricted
@@ -157,7 +157,7 @@ def save_artifacts(out: Path, result: TrainResult, mask: dict[str, torch.Tensor]
     write_json(out / "adapter.json", {
         "format": "dualsft-train-v1", "complete": True, "artifact": artifact, "method": result.method,
         "base_model": base, "weights_dtype": weights_dtype, "mask": summary,
-        "training": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "training": portable_config(dataclasses.asdict(cfg)),
         "result": {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
                    "wall_time_s": round(result.wall_time_s, 2), "trainable_entries": result.trainable_entries,
                    "optimizer_state_bytes": result.state_bytes, "world_size": dist.world_size()},
