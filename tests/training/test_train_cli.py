@@ -7,31 +7,17 @@ import logging
 
 import pytest
 import torch
-from train_helpers import random_mask
+from train_helpers import train_run_folder
 
 from dualsft.cli import main
-from dualsft.io import read_json, write_jsonl
-from dualsft.selection.mask import save_mask
-from dualsft.testing import byte_tokenizer, micro_llama, toy_records
+from dualsft.io import read_json
 from dualsft.training.delta import apply_delta
 
 
 @pytest.fixture()
 def run(tmp_path):
     """RUN/ with selection/subset.jsonl + mask.safetensors + data/pool.jsonl, and a micro model folder."""
-    model_dir = tmp_path / "model"
-    model = micro_llama(tied=True)
-    model.save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    pool = toy_records(12)
-    (tmp_path / "run" / "data").mkdir(parents=True)
-    write_jsonl(tmp_path / "run" / "data" / "pool.jsonl", pool)
-    subset = [{**r, "index": i, "score": 1.0} for i, r in enumerate(pool) if i % 2 == 0]
-    write_jsonl(tmp_path / "run" / "selection" / "subset.jsonl", subset)
-    mask = random_mask(model, 0.05)
-    save_mask(tmp_path / "run" / "selection" / "mask.safetensors", mask,
-              {n: tuple(p.shape) for n, p in model.named_parameters()})
-    return tmp_path / "run", model_dir, mask
+    return train_run_folder(tmp_path)
 
 
 def _args(run, model_dir, *extra: str) -> list[str]:

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import random_mask
+from train_helpers import train_run_folder
 
 import dualsft.training.loop as loop
 from dualsft.cli import main
-from dualsft.io import read_json, write_jsonl
-from dualsft.selection.mask import save_mask
-from dualsft.testing import byte_tokenizer, micro_llama, toy_records
+from dualsft.io import read_json
 from dualsft.training.reporting import scalars_of
 
 TAGS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
@@ -24,17 +22,7 @@ TAGS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
 @pytest.fixture()
 def run(tmp_path):
     """RUN/ with data/pool.jsonl, selection/subset.jsonl (6 examples) + mask.safetensors; a micro model folder."""
-    model_dir = tmp_path / "model"
-    model = micro_llama(tied=True)
-    model.save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    pool = toy_records(12)
-    write_jsonl(tmp_path / "run" / "data" / "pool.jsonl", pool)
-    write_jsonl(tmp_path / "run" / "selection" / "subset.jsonl",
-                [{**r, "index": i, "score": 1.0} for i, r in enumerate(pool) if i % 2 == 0])
-    save_mask(tmp_path / "run" / "selection" / "mask.safetensors", random_mask(model, 0.05),
-              {n: tuple(p.shape) for n, p in model.named_parameters()})
-    return tmp_path / "run", model_dir
+    return train_run_folder(tmp_path)[:2]
 
 
 def _train(run_dir: Path, model_dir: Path, *extra: str) -> list[str]:

@@ -7,7 +7,8 @@ import functools
 import torch
 
 from dualsft.data.formats import Example, tokenize_examples
-from dualsft.selection.mask import compact_indices
+from dualsft.io import write_jsonl
+from dualsft.selection.mask import compact_indices, save_mask
 from dualsft.testing import byte_tokenizer, micro_gpt2, micro_llama, toy_records
 
 
@@ -54,3 +55,19 @@ def fresh(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     if key not in _CACHE:
         _CACHE[key] = MODELS[arch](dtype)
     return copy.deepcopy(_CACHE[key])
+
+
+def train_run_folder(tmp) -> tuple:
+    """A RUN/ for `dualsft train` under ``tmp``: data/pool.jsonl (12 toy records), selection/subset.jsonl (the 6
+    even ones) and a 5% random mask.safetensors, plus a tied micro-Llama model folder. -> (run, model_dir, mask)."""
+    model_dir = tmp / "model"
+    model = micro_llama(tied=True)
+    model.save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    pool = toy_records(12)
+    write_jsonl(tmp / "run" / "data" / "pool.jsonl", pool)
+    write_jsonl(tmp / "run" / "selection" / "subset.jsonl",
+                [{**r, "index": i, "score": 1.0} for i, r in enumerate(pool) if i % 2 == 0])
+    mask = random_mask(model, 0.05)
+    save_mask(tmp / "run" / "selection" / "mask.safetensors", mask, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    return tmp / "run", model_dir, mask

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from dualsft.data.sources import parse_source, read_records
-from dualsft.data.turns import assistant_labels
+from dualsft.data.turns import assistant_labels, common_prefix
 from dualsft.errors import DataFormatError, EmptyResponseError
 from dualsft.losses import IGNORE_INDEX
 
@@ -194,11 +194,11 @@ def tokenize_example(example: Example, tokenizer: Any, template: Template, max_l
     bos = [tokenizer.bos_token_id] if add_bos else []
     p_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     f_ids = bos + tokenizer(full, add_special_tokens=False)["input_ids"]
-    n_prompt = len(p_ids) if template == "release" else _common_prefix(p_ids, f_ids)
+    n_prompt = len(p_ids) if template == "release" else common_prefix(p_ids, f_ids)
     labels = [IGNORE_INDEX] * n_prompt + f_ids[n_prompt:]
     if loss_tokens == "answer":  # cut the labels where prompt + response (without the end marker) stops
         text_ids = bos + tokenizer(prompt + example.response, add_special_tokens=False)["input_ids"]
-        end = max(n_prompt, _common_prefix(text_ids, f_ids))
+        end = max(n_prompt, common_prefix(text_ids, f_ids))
         labels = labels[:end] + [IGNORE_INDEX] * (len(labels) - end)
     elif loss_tokens != "response":
         raise DataFormatError(f"unknown loss tokens {loss_tokens!r}: use 'response' or 'answer'")
@@ -211,15 +211,6 @@ def _has_earlier_replies(example: Example, template: Template) -> bool:
         raise DataFormatError(f"--assistant-turns all needs --template chat (got {template!r}): only a chat "
                               "template marks where each assistant turn starts and ends")
     return any(role == "assistant" for role, _ in example.messages)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def check_blank_responses(examples: list[Example], drop_empty: bool, source: str,

@@ -71,8 +71,8 @@ def assistant_labels_reference(turns: Turns, tokenizer: Any, loss_tokens: str = 
     ids = _ids(tokenizer, full)
     labels = [IGNORE_INDEX] * len(ids)
     for before, through in bounds:
-        start = _common_prefix(_ids(tokenizer, before), ids)
-        end = max(start, _common_prefix(_ids(tokenizer, through), ids))
+        start = common_prefix(_ids(tokenizer, before), ids)
+        end = max(start, common_prefix(_ids(tokenizer, through), ids))
         labels[start:end] = ids[start:end]
     return ids, labels
 
@@ -81,7 +81,8 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token id lists (where a rendering starts to differ)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
