@@ -9,7 +9,7 @@ import pytest
 from dualsft.data.formats import load_examples
 from dualsft.data.sources import parse_source, source_fingerprint
 from dualsft.errors import ArtifactError, DataFormatError
-from dualsft.runs import build_metadata, file_fingerprint
+from dualsft.runs import build_metadata, file_fingerprint, portable_path
 
 datasets = pytest.importorskip("datasets")
 
@@ -126,7 +126,7 @@ def test_hub_spelling_loads_a_local_data_folder_for_real(tmp_path, monkeypatch):
 def test_fingerprint_identifies_name_split_and_content(saved, tmp_path):
     train, test = source_fingerprint(f"{saved}@train"), source_fingerprint(f"{saved}@test")
     assert train["fingerprint"] != test["fingerprint"]
-    assert test["source"]["name"] == str(saved) and test["source"]["split"] == "test"
+    assert test["source"]["name"] == saved.name and test["source"]["split"] == "test"  # a local folder: its name
     assert len(test["source"]["content_sha256"]) == 64
     other = tmp_path / "arith2"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(TRAIN),
@@ -136,14 +136,14 @@ def test_fingerprint_identifies_name_split_and_content(saved, tmp_path):
     f.write_text(json.dumps(TRAIN[0]) + "\n")
     assert source_fingerprint(f) == {"path": str(f), "fingerprint": file_fingerprint(f)}  # files as before
     meta = build_metadata("scores", {}, data_files={"pool": f"{saved}@test"})
-    assert meta["data"]["pool"] == test
+    assert meta["data"]["pool"] == {**test, "path": portable_path(f"{saved}@test")}  # recorded relative to the cwd
 
 
 def test_select_reads_the_scored_pool_source_again(saved):
     from dualsft.selection.select import scores_pool_path
 
     meta = build_metadata("scores", {}, data_files={"pool": f"{saved}@test"})
-    assert scores_pool_path(meta, saved) == f"{saved}@test"
+    assert scores_pool_path(meta, saved) == portable_path(f"{saved}@test")  # as recorded: relative to the cwd
     meta["data"]["pool"]["fingerprint"] = "0" * 16
     with pytest.raises(Exception, match="changed since scoring"):
         scores_pool_path(meta, saved)

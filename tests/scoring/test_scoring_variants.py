@@ -1,6 +1,7 @@
 """The named scoring variants (docs/method.md §4 "Scoring variants") against brute-force float64 oracles:
 ``--data-score cosine`` (exact per-example gradient norms from the ghost pass), ``--target-gradient
-normalized`` (v_new from per-example target norms) and ``--score-tokens answer`` (answer-token loss)."""
+normalized`` (v_new from per-example target norms), ``--score-tokens answer`` (answer-token loss),
+``--precondition adam`` (u = P⊙(ηv − ½η²c⊙P⊙G)) and ``--data-params linear`` (φ_data over the linear layers)."""
 
 from __future__ import annotations
 
@@ -109,15 +110,21 @@ def dot(a, b) -> float:
     return sum(float((a[n] * b[n]).sum()) for n in a)
 
 
-def oracle_rows(d, loss_tokens="response", target_gradient="mean", data_score="inner") -> torch.Tensor:
-    """φ_data by the explicit formulas: v_new (mean, or mean‖g‖ · mean g/‖g‖), u = η v_new, ⟨u, g_n⟩ (/‖g_n‖)."""
+def oracle_rows(d, loss_tokens="response", target_gradient="mean", data_score="inner", scale=None,
+                names=None) -> torch.Tensor:
+    """φ_data by the explicit formulas: v_new (mean, or mean‖g‖ · mean g/‖g‖), u = η v_new (times ``scale``
+    per entry: Adam's P), ⟨u, g_n⟩ over ``names`` (default all) (/‖g_n‖)."""
     tg, pg = oracle_split(d, "target", loss_tokens), oracle_split(d, "pool", loss_tokens)
     norms = [dot(g, g) ** 0.5 for g in tg]
     if target_gradient == "mean":
         v = {n: sum(g[n] for g in tg) / len(tg) for n in tg[0]}
     else:
-        scale = sum(norms) / len(norms)
-        v = {n: scale * sum(g[n] / q for g, q in zip(tg, norms)) / len(tg) for n in tg[0]}
+        mean_norm = sum(norms) / len(norms)
+        v = {n: mean_norm * sum(g[n] / q for g, q in zip(tg, norms)) / len(tg) for n in tg[0]}
+    if scale is not None:
+        v = {n: scale[n] * t for n, t in v.items()}
+    if names is not None:
+        v = {n: v[n] for n in names}
     inner = torch.tensor([ETA * dot(v, g) for g in pg], dtype=torch.float64)
     if data_score == "cosine":
         return inner / torch.tensor([dot(g, g) ** 0.5 for g in pg], dtype=torch.float64)
@@ -173,3 +180,67 @@ def test_cosine_refuses_jvp():
 
     with pytest.raises(ConfigError, match="cosine"):
         ScoreConfig(data_score="cosine", method="jvp")
+
+
+def test_precondition_adam_matches_oracle(micro_folder, tmp_path):
+    """--precondition adam (order 1): φ_data == ⟨η P⊙v_new, g_n⟩ with P = 1/(√c + 1e-8) from a given c, one
+    backward per example; the row-column identity holds; and it is another ranking than the paper's."""
+    from dualsft.io import save_tensors
+    from dualsft.models import load_model
+    from dualsft.scoring.stats import trainable_params
+
+    params = trainable_params(load_model(str(micro_folder / "model"), "float64", "cpu"))
+    gen = torch.Generator().manual_seed(3)
+    c = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64).pow(4) * 1e-4 for n, p in params.items()}
+    save_tensors(tmp_path / "c.safetensors", {n: t.float() for n, t in c.items()})
+    rows, summary = score_cli(micro_folder, tmp_path / "p", "--precondition", "adam", "--curvature",
+                              str(tmp_path / "c.safetensors"))
+    P = {n: 1.0 / (t.float().double().sqrt() + 1e-8) for n, t in c.items()}
+    ref = oracle_rows(micro_folder, scale=P)
+    assert rel_err(scores_of(rows), ref) <= E2E_TOL
+    assert abs(summary["sum_data"] - summary["uTG"]) <= 1e-8 * abs(summary["uTG"])
+    assert summary["precondition"] == "adam"
+    order = torch.argsort(scores_of(rows))
+    assert not torch.equal(order, torch.argsort(oracle_rows(micro_folder)))
+
+
+def test_precondition_refuses_without_curvature(micro_folder, tmp_path, caplog):
+    """No warm-up and no --curvature: a typed ConfigError (the CLI exits non-zero and says what to do)."""
+    from dualsft.cli import main as cli
+
+    assert 0 != cli(["score", "--model", str(micro_folder / "model"), "--pool", str(micro_folder / "pool.jsonl"),
+             "--target", str(micro_folder / "target.jsonl"), "--run-dir", str(tmp_path / "x"), "--order", "1",
+             "--precondition", "adam"])
+    assert "--precondition adam needs Adam's exp_avg_sq" in caplog.text
+
+
+def test_data_params_linear_matches_oracle(micro_folder, tmp_path):
+    """--data-params linear: φ_data == ⟨η v_new restricted to the linear layers, g_n⟩ (no embedding, no tied
+    head, no norm); Σφ_data equals Σφ_param over those parameters (sum_param_rows), not the full uᵀG."""
+    from dualsft.models import load_model
+    from dualsft.scoring.layers import linear_weight_names
+
+    names = linear_weight_names(load_model(str(micro_folder / "model"), "float64", "cpu"))
+    assert names and not any("embed" in n or "norm" in n for n in names)
+    rows, summary = score_cli(micro_folder, tmp_path / "l", "--data-params", "linear")
+    assert rel_err(scores_of(rows), oracle_rows(micro_folder, names=names)) <= E2E_TOL
+    assert abs(summary["sum_data"] - summary["sum_param_rows"]) <= 1e-8 * abs(summary["sum_param_rows"])
+    assert abs(summary["sum_param_rows"] - summary["uTG"]) > 1e-6 * abs(summary["uTG"])
+    assert summary["data_params"] == "linear"
+
+
+def test_adam_step_u_order2_identity():
+    """u = P⊙(ηv − ½η²c⊙P⊙G) written out by hand equals method.direction_u's, and Σ_j u_j G_j is the
+    one-step surrogate of the Adam step Δ = −η P⊙G: η vᵀ(P⊙G) − ½η² Σ_j c_j (P_j G_j)²."""
+    from dualsft.method import adam_preconditioner, direction_u
+
+    gen = torch.Generator().manual_seed(0)
+    v, G = ({"w": torch.randn(5, 3, generator=gen, dtype=torch.float64)} for _ in range(2))
+    c = {"w": torch.rand(5, 3, generator=gen, dtype=torch.float64)}
+    P = adam_preconditioner(c)
+    eta = 0.3
+    u = direction_u(v, eta, 2, c, G, precondition=P)["w"]
+    p = 1.0 / (c["w"].sqrt() + 1e-8)
+    assert torch.allclose(u, p * (eta * v["w"] - 0.5 * eta**2 * c["w"] * p * G["w"]), rtol=1e-12, atol=0)
+    surrogate = eta * (v["w"] * p * G["w"]).sum() - 0.5 * eta**2 * (c["w"] * (p * G["w"]) ** 2).sum()
+    assert torch.allclose((u * G["w"]).sum(), surrogate, rtol=1e-12)

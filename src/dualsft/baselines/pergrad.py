@@ -21,7 +21,6 @@ excluded: see docs/baselines.md. ``per_example_grads_loop`` is the slow oracle.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -30,50 +29,13 @@ from dualsft.scoring.ghost import (
     Tap,
     _conv1d_type,  # noqa: F401  (re-exported: baselines/params.py imports it here)
     frozen_with_leaf_embeddings,
-    module_kind,
     tapped,
 )
+from dualsft.scoring.layers import Layer, linear_layers  # noqa: F401  (re-exported: less.py, bench.py import them here)
 
 Batch = dict[str, torch.Tensor]
 # callback(parameter name, per-example gradients [B, *param.shape])
 GradCallback = Callable[[str, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One featurised layer: its module, kind ('linear' | 'conv1d') and parameter names (None if frozen)."""
-
-    module_name: str
-    module: torch.nn.Module
-    kind: str
-    weight: str | None
-    bias: str | None
-
-
-def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[Layer]:
-    """Linear / Conv1D layers that own a trainable parameter, in module order.
-
-    The output head (``model.get_output_embeddings()``) is excluded unless ``include_head``; a head whose
-    weight is tied to an embedding is always excluded (its per-example gradient has an embedding term).
-    """
-    names = {}
-    for n, p in model.named_parameters():
-        names.setdefault(id(p), n)
-    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = []
-    for mname, mod in model.named_modules():
-        kind = module_kind(mod)  # the ghost scorer's classification: one rule for both uses of the capture
-        if kind not in ("linear", "conv1d"):
-            continue
-        if id(mod.weight) in emb_ids or (mod is head and not include_head):
-            continue
-        w = names[id(mod.weight)] if mod.weight.requires_grad else None
-        b = mod.bias if isinstance(getattr(mod, "bias", None), torch.Tensor) else None
-        bname = names[id(b)] if b is not None and b.requires_grad else None
-        if w or bname:
-            layers.append(Layer(mname, mod, kind, w, bname))
-    return layers
 
 
 def layer_grads(layer: Layer, a: torch.Tensor, e: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

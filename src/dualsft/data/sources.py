@@ -197,7 +197,11 @@ def source_fingerprint(spec: str | Path) -> dict[str, Any]:
     if src.is_plain_path:
         return {"path": str(spec), "fingerprint": file_fingerprint(src.location)}
     content = records_sha256([r for _, r in read_records(src)])
-    ident = {"kind": src.kind, "name": src.location, "config": src.config, "split": src.split,
+    # a local folder is named by its last component (paths are recorded relative to the working directory, so
+    # the same folder is spelled differently from elsewhere); a Hub dataset by its full name
+    local = src.kind == "disk" or Path(src.location).exists()
+    name = Path(src.location).name if local else src.location
+    ident = {"kind": src.kind, "name": name, "config": src.config, "split": src.split,
              "columns": list(src.columns) if src.columns else None, "content_sha256": content}
     fp = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return {"path": str(spec), "fingerprint": fp, "source": ident}

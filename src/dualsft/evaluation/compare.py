@@ -83,6 +83,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "answer": {"score_tokens": "answer"},
     "cosine": {"data_score": "cosine"},
     "normalized": {"target_gradient": "normalized"},
+    "adam": {"precondition": "adam"},
+    "linear": {"data_params": "linear"},
 }
 
 

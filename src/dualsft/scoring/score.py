@@ -11,6 +11,8 @@ Passes (each with a progress bar in examples/s; wall time recorded):
     order 2:   pool_G     G = Σ_n g_n;   then u = ηv − ½η² c⊙G;   pool_rows  φ_data = ⟨u, g_n⟩
     --data-score cosine: the row pass also gives ‖g_n‖² (scoring/norms.py) and "score" = ⟨u, g_n⟩/‖g_n‖
     --score-tokens answer: every pass's loss covers the answer's own tokens (no template end tokens)
+    --precondition adam: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) (Adam's step); --data-params linear: the row
+    pass uses u on the linear layers only (φ_data = ⟨u_R, g_n⟩; summary.json's sum_param_rows = Σ_R φ_param)
 Every pass runs on scoring/passes.py; u and φ_param are dualsft/method.py's.
 Data parallel (``torchrun --nproc_per_node N -m dualsft score ...``): the target, anchor and pool examples
 are sharded across ranks (``dualsft.distributed.shard``); v_new, v_prior and G are all-reduced as SUMS and
@@ -46,6 +48,7 @@ from dualsft.data.formats import TokenizedExample
 from dualsft.errors import ConfigError, MetadataMismatchError
 from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
 from dualsft.method import (
+    adam_preconditioner,
     check_order,
     combine_u,
     cosine_scores,
@@ -53,10 +56,12 @@ from dualsft.method import (
     missing_curvature,
     normalized_target_weights,
     param_scores,
+    restrict,
 )
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, portable_path, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
+from dualsft.scoring.layers import linear_weight_names
 from dualsft.scoring.passes import sharded_pass
 from dualsft.scoring.prior import normalise_prior, prior_accumulators, prior_normaliser, prior_step, split_prior_sums
 from dualsft.scoring.progress import PROGRESS_DIR
@@ -122,23 +127,36 @@ def main(cfg: ScoreConfig) -> int:
 
     cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
     rows = ROWS + (("sq_norms",) if cosine else ())
+    P = adam_preconditioner(inp.c) if cfg.precondition == "adam" else None
+    R = row_parameters(cfg, model, params)
     if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
-        u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1)
-        pool = run("pool", inp.pool, row_step(model, u, cfg.method, grad_sum=True, norms=cosine),
+        u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, P)
+        pool = run("pool", inp.pool, row_step(model, restrict(u, R), cfg.method, grad_sum=True, norms=cosine),
                    row_accumulators(model, True, acc_dtype), row_names=rows)
         G = pool.sums
     else:  # G = Σ_n g_n over the whole pool first; then u = ηv − ½η²c⊙G; then φ_data = ⟨u, g_n⟩
         G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
         warn_missing_curvature(v_new, inp.c)
-        u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2)
-        pool = run("pool_rows", inp.pool, row_step(model, u, cfg.method, norms=cosine), {}, row_names=rows)
+        u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, P)
+        pool = run("pool_rows", inp.pool, row_step(model, restrict(u, R), cfg.method, norms=cosine), {}, row_names=rows)
     phi = param_scores(u, G)
     if ctx.is_main:  # rank 0 writes; the others wait for it and leave
-        stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms, "target_norms": target_norms}
+        stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms, "target_norms": target_norms, "rows_over": R}
         write_scores(cfg, inp, stats, pool.rows, {"timings": timings, "skipped": skipped, "anchors": anchors,
                                                   "world_size": ctx.world_size, "t_start": t_start})
     dist.barrier()
     return 0
+
+
+def row_parameters(cfg: ScoreConfig, model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """The parameters φ_data sums over (``--data-params``): every scored one, or the linear layers' only."""
+    if cfg.data_params == "all":
+        return list(params)
+    names = [n for n in linear_weight_names(model) if n in params]
+    if not names:
+        raise ConfigError("--data-params linear: this model has no trainable linear layer outside the embeddings "
+                          "and the output head; use --data-params all")
+    return names
 
 
 def target_direction(cfg: ScoreConfig, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
@@ -227,11 +245,15 @@ def warn_missing_curvature(v: dict[str, torch.Tensor], c: dict[str, torch.Tensor
 
 
 def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """c for order 2 (from --curvature or the warm-up); order 1 needs none."""
+    """c for order 2 or --precondition adam (from --curvature or the warm-up); order 1 alone needs none."""
     path = cfg.curvature or (warm or {}).get("curvature")
-    if cfg.order == 1:
+    if cfg.order == 1 and cfg.precondition == "none":
         return None, None
     if not path:
+        if cfg.precondition == "adam":
+            raise ConfigError("--precondition adam needs Adam's exp_avg_sq c from the warm-up, but there is none: "
+                              "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use "
+                              "--precondition none")
         raise ConfigError("--order 2 needs the curvature c (Adam exp_avg_sq of the warm-up), but there is none: "
                           "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use --order 1")
     return load_tensors(path), str(path)
@@ -297,7 +319,10 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "uTG": sum(float(interaction(u[n], G[n]).sum()) for n in u),
         "sum_param": sum(float(t.double().sum()) for t in stats["phi"].values()),
         "sum_data": float(rows["scores"].sum()),  # Σ ⟨u, g_n⟩ (the INNER scores, whatever --data-score ranks)
+        # Σ_n ⟨u_R, g_n⟩ = Σ_{j∈R} φ_param_j: equals sum_param when --data-params all
+        "sum_param_rows": sum(float(stats["phi"][n].double().sum()) for n in stats["rows_over"]),
         "score_tokens": cfg.score_tokens, "data_score": cfg.data_score, "target_gradient": cfg.target_gradient,
+        "precondition": cfg.precondition, "data_params": cfg.data_params,
         **target_norm_summary(stats.get("target_norms")),
         "order": cfg.order, "eta": cfg.eta, "lambda_new": cfg.lambda_new, "lambda_prior": cfg.lambda_prior,
         "tau": cfg.tau, "confidence": cfg.confidence, "prior_normalisation": cfg.prior_normalisation,

@@ -293,6 +293,10 @@ def _refine(cfg: SelectConfig, model: torch.nn.Module, smeta: dict, run: Path, p
     if scoring.data_score != "inner" and cfg.joint_rounds > 0:
         log.warning("the scores rank examples by --data-score %s; joint refinement starts from that subset but its "
                     "data steps rank the INNER scores ⟨u(S)⊙m, g_n⟩ (docs/method.md §7)", scoring.data_score)
+    if (scoring.precondition != "none" or scoring.data_params != "all") and cfg.joint_rounds > 0:
+        log.warning("the scores use --precondition %s / --data-params %s; joint refinement's u(S) and its data steps "
+                    "use the paper's u over every parameter (docs/method.md §7)", scoring.precondition,
+                    scoring.data_params)
     v = load_tensors(run / "scores" / "v.safetensors")
     c = load_tensors(curvature_path(smeta, run)) if order == 2 else None
     _check_same_shapes(mask.shapes, v, "scores/v.safetensors")
