@@ -11,7 +11,7 @@ exp_avg_sq), u, φ_param. No paths, no logging, no devices chosen here: tensors 
     I(m, S)  = Σ_j m_j t_j(S) = η vᵀ(m⊙G_S) − ½η² Σ_j m_j c_j G_Sj²    surrogate_improvement
 Scoring variants (docs/method.md §4 "Scoring variants"):
     φ_data cosine = ⟨u, g_n⟩ / ‖g_n‖                                cosine_scores
-    u adam = P ⊙ (η v − ½ η² c ⊙ P ⊙ G),  P = 1/(√c + ε)            adam_preconditioner, u_tensor(p=P)
+    u adam = P ⊙ (η v − ½ η² c ⊙ P ⊙ G),  P = 1/(√c + ε)            adam_scale, u_tensor(p=P)
     φ_data linear = ⟨u_R, g_n⟩, R = the linear layers' entries      restrict
     v_new normalized = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖ = Σ_q w_q g_q   normalized_target_weights
 """
@@ -62,12 +62,11 @@ def u_tensor(v: torch.Tensor, eta: float, c: torch.Tensor | None = None, G: torc
     return u if p is None else p.to(u) * u
 
 
-def adam_preconditioner(c: Mapping[str, torch.Tensor], eps: float = 1e-8) -> ParamDict:
-    """P = 1/(√c + ε) per parameter from Adam's raw exp_avg_sq c [float32, like each parameter]: the
-    diagonal scaling of an Adam step, as LESS preconditions training gradients. Adam's bias correction
-    divides c by one number (1 − β2^t), which rescales every P alike (rankings unchanged) apart from ε's
-    weight; it is not applied."""
-    return {n: 1.0 / (t.double().clamp_min(0).sqrt() + eps) for n, t in c.items()}
+def adam_scale(c: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """P = 1/(√c + ε) for one parameter from Adam's raw exp_avg_sq c (float64): the diagonal scaling of an
+    Adam step, as LESS preconditions training gradients. Adam's bias correction divides c by one number
+    (1 − β2^t), which rescales every P alike (rankings unchanged) apart from ε's weight; it is not applied."""
+    return 1.0 / (c.double().clamp_min(0).sqrt() + eps)
 
 
 def restrict(u: Mapping[str, torch.Tensor], names: list[str]) -> ParamDict:
@@ -81,21 +80,26 @@ def restrict(u: Mapping[str, torch.Tensor], names: list[str]) -> ParamDict:
 
 def direction_u(v: Mapping[str, torch.Tensor], eta: float, order: int, c: Mapping[str, torch.Tensor] | None = None,
                 G: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
-                precondition: Mapping[str, torch.Tensor] | None = None) -> ParamDict:
+                precondition: bool = False) -> ParamDict:
     """u per parameter (docs/method.md §4): η v (order 1) or η v − ½ η² c ⊙ G (order 2, needs c and G);
-    with ``precondition`` P (``adam_preconditioner``) the Adam-step form of ``u_tensor``.
+    with ``precondition`` the Adam-step form of ``u_tensor``, P = ``adam_scale(c)`` made one parameter at a
+    time (needs c at either order; no second copy of c is held).
 
     A parameter missing from ``c`` has no curvature estimate: its second-order term is 0 (see
     ``missing_curvature``). With G = G_S (a subset's gradient sum) this is u(S) of joint refinement."""
     check_order(order)
     if order == 2 and (G is None or c is None):
         raise ConfigError("order 2 needs both G and the curvature c (Adam exp_avg_sq from the warm-up)")
-    P = precondition or {}
-    if precondition is not None and set(v) - set(P):
-        raise ConfigError(f"--precondition adam needs c for every scored parameter; missing {sorted(set(v) - set(P))[:3]}")
+    if precondition and (c is None or set(v) - set(c)):
+        missing = sorted(set(v) - set(c or {}))[:3]
+        raise ConfigError(f"--precondition adam needs c for every scored parameter; missing {missing}")
+
+    def p(n: str) -> torch.Tensor | None:
+        return adam_scale(c[n]) if precondition else None  # type: ignore[index]
+
     if order == 1:
-        return {n: u_tensor(vn, eta, dtype=dtype, p=P.get(n)) for n, vn in v.items()}
-    return {n: u_tensor(vn, eta, c.get(n), G[n], dtype, P.get(n)) for n, vn in v.items()}  # type: ignore[union-attr,index]
+        return {n: u_tensor(vn, eta, dtype=dtype, p=p(n)) for n, vn in v.items()}
+    return {n: u_tensor(vn, eta, c.get(n), G[n], dtype, p(n)) for n, vn in v.items()}  # type: ignore[union-attr,index]
 
 
 def missing_curvature(v: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor] | None) -> list[str]:
@@ -170,7 +174,7 @@ def _sq(t: torch.Tensor) -> float:
 def combine_u(v_new: Mapping[str, torch.Tensor], v_prior: Mapping[str, torch.Tensor] | None,
               G: Mapping[str, torch.Tensor] | None, c: Mapping[str, torch.Tensor] | None, eta: float,
               lambda_new: float, lambda_prior: float, order: int,
-              precondition: Mapping[str, torch.Tensor] | None = None) -> tuple[ParamDict, ParamDict, dict[str, float]]:
+              precondition: bool = False) -> tuple[ParamDict, ParamDict, dict[str, float]]:
     """(u, v, term norms) from the scoring statistics: ``combine_v``, then ``direction_u``, then
     ``u_term_norms`` (docs/method.md §4; the norms are of the unpreconditioned terms)."""
     check_order(order)

@@ -48,7 +48,6 @@ from dualsft.data.formats import TokenizedExample
 from dualsft.errors import ConfigError, MetadataMismatchError
 from dualsft.io import load_tensors, save_tensors, write_json, write_jsonl
 from dualsft.method import (
-    adam_preconditioner,
     check_order,
     combine_u,
     cosine_scores,
@@ -127,17 +126,17 @@ def main(cfg: ScoreConfig) -> int:
 
     cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
     rows = ROWS + (("sq_norms",) if cosine else ())
-    P = adam_preconditioner(inp.c) if cfg.precondition == "adam" else None
+    adam = cfg.precondition == "adam"  # u for one Adam step: P = 1/(√c + ε) per parameter (method.adam_scale)
     R = row_parameters(cfg, model, params)
     if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
-        u, v, norms = combine_u(v_new, v_prior, None, None, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, P)
+        u, v, norms = combine_u(v_new, v_prior, None, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, adam)
         pool = run("pool", inp.pool, row_step(model, restrict(u, R), cfg.method, grad_sum=True, norms=cosine),
                    row_accumulators(model, True, acc_dtype), row_names=rows)
         G = pool.sums
     else:  # G = Σ_n g_n over the whole pool first; then u = ηv − ½η²c⊙G; then φ_data = ⟨u, g_n⟩
         G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
         warn_missing_curvature(v_new, inp.c)
-        u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, P)
+        u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, adam)
         pool = run("pool_rows", inp.pool, row_step(model, restrict(u, R), cfg.method, norms=cosine), {}, row_names=rows)
     phi = param_scores(u, G)
     if ctx.is_main:  # rank 0 writes; the others wait for it and leave
