@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+from dualsft.config import recorded_config
 from dualsft.data.formats import Example, Template, load_examples, tokenize_examples
 from dualsft.errors import ArtifactError, ConfigError, NonFiniteLossError
-from dualsft.io import read_json, read_jsonl
+from dualsft.io import read_jsonl
 from dualsft.losses import per_example_loss_from_logits
 from dualsft.selection.mask import check_mask_matches, compact_indices, load_mask
 from dualsft.training.optim import SparseAdamW
@@ -143,11 +144,9 @@ def run_setting(run_dir: str | Path, key: str, default: Any) -> Any:
     """A common option (template, max_length) as the run used it: RUN/train's metadata, else RUN/scores'
     (the tokenisation the selection was scored with), else ``default``."""
     for stage in ("train", "scores"):
-        meta = Path(run_dir) / stage / "metadata.json"
-        if meta.exists():
-            value = (read_json(meta).get("config") or {}).get(key)
-            if value is not None:
-                return value
+        value = recorded_config(run_dir, stage).get(key)
+        if value is not None:
+            return value
     return default
 
 
