@@ -22,7 +22,9 @@ What is counted (bytes; P parameters, k = --k-fraction·P selected entries, N = 
                          14·P bytes, ÷N, weights ÷N too)
     activations          ROUGH: B × T × layers × (6h + 2·kv + 4·I) × act bytes (no checkpointing), plus
                          eager attention probabilities B × heads × T² × act bytes per layer, plus the
-                         logits B × T × V × 10 bytes (bf16 logits, fp32 log-softmax and its gradient)
+                         logits B × T × V × 10 bytes (bf16 logits, fp32 log-softmax and its gradient);
+                         --gradient-checkpointing (warm-up and training only): B × T × layers × h × act
+                         bytes (each layer's input) + one layer's full activations + the logits
 Real peaks add the CUDA context (~0.5–1 GiB), allocator fragmentation and framework buffers.
 """
 
@@ -74,6 +76,9 @@ class EstimateConfig:
     weights_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the weights")
     attention: Literal["eager", "sdpa"] = opt("eager", "eager stores the attention probabilities (scoring "
                                               "default); sdpa/flash does not")
+    gradient_checkpointing: bool = opt(False, "warm-up and training with --gradient-checkpointing: only each "
+                                              "layer's input is kept, one layer's activations at a time (scoring "
+                                              "does not checkpoint)")
     json: bool = opt(False, "print JSON instead of a table")
 
 
@@ -133,11 +138,15 @@ def model_dims(config: Any, name: str) -> ModelDims:
                      vocab=int(config.vocab_size), linear_in_out=sum(m.in_features + m.out_features for m in linear))
 
 
-def activation_bytes(m: ModelDims, batch: int, seq: int, act_bytes: int, eager: bool) -> int:
-    """ROUGH activation memory of one forward+backward without checkpointing (see module docstring)."""
+def activation_bytes(m: ModelDims, batch: int, seq: int, act_bytes: int, eager: bool,
+                     checkpointed: bool = False) -> int:
+    """ROUGH activation memory of one forward+backward (see module docstring). ``checkpointed``: every layer
+    keeps only its input (T × h per example) and one layer's full activations exist at a time (the recompute)."""
     per_token_layer = (6 * m.hidden + 2 * m.kv_dim + 4 * m.intermediate) * act_bytes
     attn = m.heads * seq * seq * act_bytes if eager else 0  # per example per layer
     logits = seq * m.vocab * 10
+    if checkpointed:
+        return batch * (m.layers * seq * m.hidden * act_bytes + seq * per_token_layer + attn + logits)
     return batch * (m.layers * (seq * per_token_layer + attn) + logits)
 
 
@@ -146,7 +155,7 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     wb, P, N = DTYPE_BYTES[cfg.weights_dtype], m.params, cfg.world_size
     share = {"replicated": 1.0, "sharded": 1.0 / N, "offload": 0.0}[cfg.stats]
     acts = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, cfg.attention == "eager")
-    acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False)
+    acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False, cfg.gradient_checkpointing)
     k = int(cfg.k_fraction * P)
     sparse_per_entry = 16 + (4 if wb < 4 else 0)
     lora_params = 16 * m.linear_in_out  # r = 16
@@ -183,7 +192,8 @@ def render(m: ModelDims, cfg: EstimateConfig, stages: dict[str, dict[str, int]])
     for stage, parts in stages.items():
         detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
         lines.append(f"  {stage:<50s} {sum(parts.values()) / GIB:8.1f}   ({detail})")
-    lines.append("activations are rough (no checkpointing); add ~1 GiB CUDA context and allocator slack")
+    lines.append("activations are rough (" + ("warm-up/training checkpointed, scoring not" if cfg.gradient_checkpointing
+                 else "no checkpointing") + "); add ~1 GiB CUDA context and allocator slack")
     return "\n".join(lines)
 
 

@@ -7,17 +7,19 @@ float32 on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dualsft.errors import ModelLoadError
+from dualsft.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,39 @@ def load_model(
             f"({reason}); pass a decoder-only causal LM (Llama, GPT-2, Qwen, ...) as --model"
         ) from e
     return m.to(dev).eval()
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside the block, ``model`` (a transformers model, or a peft model around one) recomputes each decoder
+    layer's activations during the backward instead of keeping them (non-reentrant torch.utils.checkpoint;
+    transformers applies it in train mode only). The gradients are the same; activation memory falls from
+    one set per layer to one per checkpointed layer boundary, for about one more forward of compute. The
+    model is left as it came (checkpointing off) when the block ends. ``enabled=False`` does nothing.
+
+    Raises ConfigError for a model that does not support it (``supports_gradient_checkpointing`` False).
+    """
+    if not enabled:
+        yield
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient-checkpointing: {type(inner).__name__} does not support gradient "
+                          "checkpointing in transformers; drop the flag")
+    had_input_hook = hasattr(inner, "_require_grads_hook")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name is deprecated)
+        inner.activation_checkpointing_enable(kwargs)  # also makes the embedding output need grad
+        disable = inner.activation_checkpointing_disable
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = inner.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+        if not had_input_hook and hasattr(inner, "_require_grads_hook"):
+            inner.disable_input_require_grads()  # transformers leaves it installed outside peft
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

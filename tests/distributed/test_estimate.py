@@ -43,3 +43,17 @@ def test_estimate_cli_json_and_errors(capsys, tmp_path):
     assert "P = d = 0.00B" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="preset"):
         load_config(str(tmp_path / "missing"))
+
+
+def test_gradient_checkpointing_keeps_layer_inputs_only():
+    m = model_dims(load_config("llama-3.2-3b"), "llama-3.2-3b")
+    plain = stage_memory(m, EstimateConfig(batch_size=4, seq_len=1024))
+    ckpt = stage_memory(m, EstimateConfig(batch_size=4, seq_len=1024, gradient_checkpointing=True))
+    B, T, wb = 4, 1024, 2
+    layer = T * (6 * m.hidden + 2 * m.kv_dim + 4 * m.intermediate) * wb
+    expect = B * (m.layers * T * m.hidden * wb + layer + T * m.vocab * 10)
+    for stage in ("warmup (full AdamW, DDP as implemented)", "train sparse (SparseAdamW, k entries)"):
+        assert ckpt[stage]["activations"] == expect
+        assert ckpt[stage]["activations"] < plain[stage]["activations"] / 2
+    score = "score (ghost/jvp rows, anchor pass)"
+    assert ckpt[score] == plain[score]  # scoring does not checkpoint

@@ -8,7 +8,7 @@ Writes RUN/warmup/:
     exp_avg_sq.safetensors    c: raw Adam exp_avg_sq (NO bias correction), float32, per parameter name
                               (named_parameters, tied weights once)
     warmup_indices.json       {"indices": stable example indices used, "positions": their pool positions}
-    summary.json              steps, examples, mean loss per step, wall time, fingerprint of θw
+    summary.json              steps, examples, mean loss per step, wall time (the loop's own: loop_wall_s), fingerprint of θw
     metadata.json
     tensorboard/              with --report-to tensorboard: loss, lr, grad norm, tokens/s per step
 ``--warmup-ratio 0`` trains nothing and writes only warmup_indices.json/summary.json: `dualsft score` then
@@ -62,6 +62,8 @@ class WarmupConfig(CommonConfig):
     batch_size: int = opt(16, "effective batch: examples per optimizer step")
     micro_batch_size: int = opt(4, "examples per forward/backward (gradient accumulation fills the batch)")
     report_to: ReportTo = opt("none", REPORT_TO_HELP)
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
+                                              "(non-reentrant): less activation memory, the same θw and c")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +73,7 @@ class WarmupConfig(CommonConfig):
 
 
 CONFIG = WarmupConfig
+NEUTRAL = (RESULT_NEUTRAL, "config.gradient_checkpointing")  # options that never change θw or c: a rerun may change them
 
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int) -> None:
@@ -86,7 +89,7 @@ def warmup_settings(cfg: WarmupConfig, progress: bool = True) -> TrainSettings:
     return TrainSettings(method="full", lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
                          batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, lr_schedule="constant",
                          warmup_steps=0, max_grad_norm=0.0, seed=cfg.seed, checkpoint_every=0, autocast=False,
-                         progress=progress)
+                         progress=progress, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def warm_up(model: torch.nn.Module, toks: list[TokenizedExample], pad_token_id: int, cfg: WarmupConfig,
@@ -113,7 +116,7 @@ def main(cfg: WarmupConfig) -> int:
     meta = build_metadata("warmup", cfg, model_id=cfg.model, model_fingerprint=model_fingerprint(base),
                           data_files={"pool": cfg.pool})
     if ctx.is_main:  # one writer; the other ranks wait until the folder is ready
-        out = prepare_stage_dir(cfg.run_dir, "warmup", meta, cfg.overwrite, ignore=(RESULT_NEUTRAL,))
+        out = prepare_stage_dir(cfg.run_dir, "warmup", meta, cfg.overwrite, ignore=NEUTRAL)
     dist.barrier()
     done = (out / "summary.json").exists() and (cfg.warmup_ratio == 0 or (out / "exp_avg_sq.safetensors").exists())
     dist.barrier()  # every rank has decided before rank 0 writes anything below
@@ -146,7 +149,8 @@ def main(cfg: WarmupConfig) -> int:
     c = result.exp_avg_sq
     save_tensors(out / "exp_avg_sq.safetensors", c, metadata={"what": "raw Adam exp_avg_sq (no bias correction)"})
     write_json(out / "summary.json", {**summary, "steps": len(step_losses), "step_losses": step_losses,
-                                      "theta_w_fingerprint": model_fingerprint(base), "wall_time_s": time.time() - t0})
+                                      "theta_w_fingerprint": model_fingerprint(base), "wall_time_s": time.time() - t0,
+                                      "loop_wall_s": result.wall_time_s})
     log.info("wrote θw to %s and c (%d tensors) to %s", model_dir, len(c), out / "exp_avg_sq.safetensors")
     dist.barrier()
     return 0

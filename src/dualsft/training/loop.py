@@ -26,6 +26,7 @@ rank up to float summation order. Only rank 0 shows progress and writes checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from dualsft import distributed as dist
 from dualsft.data.formats import TokenizedExample, collate
 from dualsft.errors import ConfigError, NonFiniteLossError
 from dualsft.losses import per_example_loss
+from dualsft.models import gradient_checkpointing
 from dualsft.training.checkpoint import load_checkpoint, save_checkpoint
 from dualsft.training.optim import AdamWHyper, DenseAdamW, SparseAdamW, Updater
 from dualsft.training.reporting import NullReporter, Reporter, scalars_of
@@ -81,6 +83,9 @@ class TrainSettings:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's "
+                                         "activations in the backward (non-reentrant): less activation memory, "
+                                         "about one more forward of compute, the same gradients"})
 
 
 @dataclass
@@ -281,6 +286,8 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
     t_start = time.time() - state["elapsed"]
     bar = _progress(settings.progress and dist.is_main(), total, state["step"])
     reporter = reporter if reporter is not None else NullReporter()
+    recompute = contextlib.ExitStack()  # --gradient-checkpointing: on for this loop only
+    recompute.enter_context(gradient_checkpointing(model, settings.gradient_checkpointing))
     try:
         done_here = 0
         while state["step"] < total and (stop_after_steps is None or done_here < stop_after_steps):
@@ -316,6 +323,7 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
                     and dist.is_main()):
                 save_checkpoint(ckpt, updater, state, _fingerprint_settings(settings))
     finally:
+        recompute.close()
         if bar is not None:
             bar.close()
         if isinstance(updater, SparseAdamW):
@@ -347,7 +355,7 @@ def _mask_checksum(mask: dict[str, torch.Tensor] | None) -> list[float]:
 def _fingerprint_settings(settings: TrainSettings) -> dict:
     """Settings that decide the result (a checkpoint made under others is refused)."""
     d = asdict(settings)
-    for k in ("progress", "checkpoint_every"):
+    for k in ("progress", "checkpoint_every", "gradient_checkpointing"):  # these never change the weights
         d.pop(k, None)
     return {k: v for k, v in d.items() if k in {f for f in TrainSettings.__dataclass_fields__}}
 

@@ -63,7 +63,7 @@ class TrainConfig(TrainSettings, CommonConfig):
 CONFIG = TrainConfig
 # Options that do not change the trained weights: a rerun that differs only in these still resumes.
 RESULT_NEUTRAL = ("config.progress", "config.overwrite", "config.keep_checkpoints", "config.checkpoint_every",
-                  REPORTING)
+                  "config.gradient_checkpointing", REPORTING)
 
 
 def resolve_paths(cfg: TrainConfig) -> tuple[str | Path, Path | None, Path]:
