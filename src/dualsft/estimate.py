@@ -74,8 +74,9 @@ class EstimateConfig:
         "replicated", "where the float32 statistics live: every rank (implemented), sharded by parameter "
         "across ranks, or offloaded to CPU (written down, see docs/scaling.md)")
     weights_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the weights")
-    attention: Literal["eager", "sdpa"] = opt("eager", "eager stores the attention probabilities (scoring "
-                                              "default); sdpa/flash does not")
+    attention: Literal["eager", "sdpa"] = opt("sdpa", "attention kernel of scoring: sdpa (--method ghost or "
+                                             "exact, the default) keeps no probabilities; eager (--method jvp) "
+                                             "stores B·heads·T² per layer")
     gradient_checkpointing: bool = opt(False, "warm-up and training with --gradient-checkpointing: only each "
                                               "layer's input is kept, one layer's activations at a time (scoring "
                                               "does not checkpoint)")

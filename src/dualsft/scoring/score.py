@@ -116,7 +116,7 @@ def main(cfg: ScoreConfig) -> int:
     anchors = anchor_positions(cfg, inp, skipped)
     v_prior = None
     if anchors:  # v_prior = τ²Σw∇KL ÷ Z(global Σw)
-        base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device))
+        base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation="sdpa")
         prior_sums = run("anchor", [inp.pool[i] for i in anchors], prior_step(model, base, params, cfg.tau,
                          cfg.confidence), prior_accumulators(params, acc_dtype)).sums
         v_prior = normalise_prior(*split_prior_sums(prior_sums), cfg.prior_normalisation)
@@ -196,7 +196,7 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
         raise ConfigError("the target set is empty: v_new needs at least one target example")
     # θw's folder is recorded as the scores' model (select reloads it): relative, like every recorded path
     model_id = cfg.model if at_theta0 else portable_path(warm["model_dir"])  # type: ignore[index]
-    model = load_model(model_id, cfg.dtype, dist.rank_device(cfg.device))
+    model = load_model(model_id, cfg.dtype, dist.rank_device(cfg.device), attn_implementation=attention_for(cfg.method))
     data_files = {"pool": cfg.pool, "target": cfg.target, **({"curvature": c_path} if c_path else {})}
     meta = build_metadata("scores", cfg, model_id=model_id, model_fingerprint=model_fingerprint(model),
                           data_files=data_files, extra={"scored_at": scored_at(at_theta0)})
@@ -212,6 +212,12 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
         if is_main:
             shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # left over by a kill after the last write
     return ScoringInputs(model, tokenizer.pad_token_id, pool, target, c, c_path, at_theta0, out, done)
+
+
+def attention_for(method: str) -> str:
+    """The attention kernel of the scored model: eager for --method jvp (forward-mode AD has no rule for the
+    fused kernels), SDPA otherwise (no B·heads·T² probabilities kept for the backward)."""
+    return "eager" if method == "jvp" else "sdpa"
 
 
 def scored_at(at_theta0: bool) -> str:
