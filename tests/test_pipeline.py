@@ -222,6 +222,16 @@ def test_compare_lr_grid_tasks_variants_and_test_split_last(tmp_path, micro_mode
         assert (run / task / "compare" / "scoring" / "seed1@noprior" / "scores" / "summary.json").exists()
         table = (run / task / "compare" / "results.md").read_text()
         assert "| dualsft@noprior |" in table and "Paired differences" in table and "Subset composition" in table
+        assert "issue 13's criterion" in table
+        for name, c in res["target_check"].items():  # the criterion is read off the subsets and the evaluations
+            subsets = [read_jsonl(run / task / "compare" / name / f"seed{s}" / "selection" /
+                                  "subset.jsonl") for s in (0, 1)]
+            assert c["target_share"] == [sum(x["task"] == task for x in sub) / len(sub) for sub in subsets], name
+            pool = read_jsonl(run / task / "data" / "pool.jsonl")
+            assert c["pool_share"] == sum(x["task"] == task for x in pool) / len(pool)
+            assert c["share_2x_pool"] == all(x >= 2 * c["pool_share"] for x in c["target_share"])
+            d = c["target_loss_minus_base"]
+            assert d["low"] <= d["mean"] <= d["high"] and c["loss_below_base"] == (d["high"] < 0)
     # per task: every training precedes the first read of the test split
     first_read, last_train = events.index("read test"), max(i for i, e in enumerate(events) if e.startswith("train"))
     assert "read test" in events
@@ -231,6 +241,8 @@ def test_compare_lr_grid_tasks_variants_and_test_split_last(tmp_path, micro_mode
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tasks"] == ["products", "gcd"] and summary["reference"] == "dualsft"
     assert sum(summary["wins_ties_losses"]["random"]["target loss"].values()) == 2
+    assert set(summary["target_check"]) == {"products", "gcd"}
+    assert "tasks passed" in (run / "summary.md").read_text()
 
 
 def test_compare_variant_overrides_are_checked():

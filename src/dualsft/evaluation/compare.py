@@ -257,10 +257,12 @@ def compare_task(cfg: CompareConfig, plan: dict[str, tuple[str, str, str]], seed
                          "lr": chosen[name], "dev_loss": dev.get(name, {}), "seeds": per_seed,
                          "summary": summarise_method(per_seed)}
     add_intervals(results, out, seeds, base_dir)
+    task = cfg.data.target_task if not cfg.data_dir else None
     doc = {"base": base_metrics, "methods": results, "reference": reference_method(results),
+           "target_check": target_check(task, results, out, seeds) if task else {},
            "config": portable_config(dataclasses.asdict(cfg))}
     write_json(out / "results.json", doc)
-    write_outputs(cfg, out, base_metrics, results, scoring[seeds[0]].get("", None))
+    write_outputs(cfg, out, base_metrics, results, scoring[seeds[0]].get("", None), doc["target_check"])
     return doc
 
 
@@ -499,6 +501,44 @@ def add_intervals(results: dict[str, Any], out: Path, seeds: list[int], base_dir
             results[name]["vs_reference"] = {"reference": ref, **paired_cells(scores[ref], scores[name])}
 
 
+def target_check(task: str, results: dict[str, Any], out: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Issue 13's criterion per method: does the subset find the target task (its share of the subset at least
+    twice the pool's, on every seed) and does training help it (target loss − the base model's, paired on
+    seeds × test items, 95% CI wholly below 0)?"""
+    from dualsft.evaluation.cells import common_items, item_scores, score_matrix
+    from dualsft.evaluation.stats import paired_difference
+
+    base = item_scores(out / "base" / "eval" / "predictions.jsonl", "model").get("target loss", {})
+    checks = {}
+    for name, r in results.items():
+        shares = [get(s, "composition", "task", task, "share_of_subset") or 0.0 for s in r["seeds"]]
+        pool = get(r["seeds"][0], "composition", "task", task, "share_of_pool")
+        runs = [item_scores(out / safe_name(name) / f"seed{s}" / "eval" / "predictions.jsonl", "tuned")
+                .get("target loss", {}) for s in seeds]
+        items = common_items([base], runs)
+        diff = (paired_difference(score_matrix(runs, items), score_matrix([base] * len(runs), items)).as_dict()
+                if items else None)
+        checks[name] = {"target_share": shares, "pool_share": pool,
+                        "share_2x_pool": pool is not None and all(x >= 2 * pool for x in shares),
+                        "target_loss_minus_base": diff, "loss_below_base": bool(diff and diff["high"] < 0)}
+    return checks
+
+
+def target_check_markdown(task: str, checks: dict[str, dict[str, Any]]) -> list[str]:
+    """The section of results.md for ``target_check``."""
+    from dualsft.evaluation.cells import fmt_interval
+
+    if not checks:
+        return []
+    rows = [[name, " / ".join(f"{x:.0%}" for x in c["target_share"]),
+             "—" if c["pool_share"] is None else f"{c['pool_share']:.0%}", "yes" if c["share_2x_pool"] else "no",
+             fmt_interval(c["target_loss_minus_base"], signed=True), "yes" if c["loss_below_base"] else "no"]
+            for name, c in checks.items()]
+    return [f"\n## Does the subset find {task}, and does training on it help? (issue 13's criterion)\n",
+            markdown_table(["method", "target share of the subset (per seed)", "pool share", "≥ 2× pool on every seed",
+                            "target loss − base [95% CI]", "below base (CI < 0)"], rows)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # aggregation and outputs
 
@@ -523,9 +563,14 @@ def summarise_method(per_seed: list[dict]) -> dict[str, Any]:
     return out
 
 
-def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, Any], sdir: Path | None) -> None:
-    """results.md (cells with CIs, paired differences, wins/ties/losses, compositions), tradeoff.png, scores.png."""
-    (out / "results.md").write_text(results_markdown(cfg, out, base, results))
+def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, Any], sdir: Path | None,
+                  checks: dict[str, dict[str, Any]]) -> None:
+    """results.md (cells with CIs, paired differences, wins/ties/losses, the target check, compositions),
+    tradeoff.png, scores.png."""
+    text = results_markdown(cfg, out, base, results)
+    section = "\n".join(target_check_markdown(cfg.data.target_task, checks))
+    marker = "\n## Subset composition"
+    (out / "results.md").write_text(text.replace(marker, section + "\n" + marker, 1) if section else text)
     points = {name: (r["summary"]["stability loss"]["mean"], r["summary"]["stability loss"]["std"],
                      100 * r["summary"]["target acc"]["mean"], 100 * r["summary"]["target acc"]["std"])
               for name, r in results.items()}
@@ -611,14 +656,44 @@ def write_task_summary(run: Path, per_task: dict[str, dict[str, Any]]) -> None:
                     counts.setdefault(name, {}).setdefault(c, []).append(v)
     summary = {name: {c: tally(v) for c, v in cols.items()} for name, cols in counts.items()}
     ref = next((doc["reference"] for doc in per_task.values()), "dualsft")
-    write_json(run / "summary.json", {"tasks": list(per_task), "reference": ref, "wins_ties_losses": summary})
+    checks = {task: doc.get("target_check", {}) for task, doc in per_task.items()}
+    write_json(run / "summary.json", {"tasks": list(per_task), "reference": ref, "wins_ties_losses": summary,
+                                      "target_check": checks})
     cols = [c for c in CI_COLS if any(c in v for v in summary.values())]
     rows = [[name] + [f"{t[c]['win']} / {t[c]['tie']} / {t[c]['loss']}" if c in t else "—" for c in cols]
             for name, t in summary.items()]
     text = (f"Tasks: {', '.join(per_task)}. {ref} against each method: wins / ties / losses across tasks, judged by "
             f"the 95% CI of the paired difference (tables: RUN/<task>/compare/results.md).\n\n"
-            + markdown_table(["method"] + cols, rows))
+            + markdown_table(["method"] + cols, rows) + "\n" + "\n".join(task_check_lines(checks)))
     (run / "summary.md").write_text(text)
+
+
+def task_check_lines(checks: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """summary.md's table of issue 13's criterion: per method and task, the subset's mean target share (≥ 2× the
+    pool's on every seed?) and target loss − base (CI below 0?)."""
+    from dualsft.evaluation.cells import fmt_interval
+
+    tasks = [t for t, c in checks.items() if c]
+    methods = list(dict.fromkeys(m for t in tasks for m in checks[t]))
+    if not tasks:
+        return []
+    rows = []
+    for m in methods:
+        row, passed = [m], 0
+        for t in tasks:
+            c = checks[t].get(m)
+            if not c:
+                row.append("—")
+                continue
+            ok = c["share_2x_pool"] and c["loss_below_base"]
+            passed += ok
+            share = sum(c["target_share"]) / max(len(c["target_share"]), 1)
+            row.append(f"{share:.0%} ({'≥' if c['share_2x_pool'] else '<'} 2×); "
+                       f"{fmt_interval(c['target_loss_minus_base'], signed=True)} {'✓' if ok else '✗'}")
+        rows.append(row + [f"{passed} of {len(tasks)}"])
+    return ["\nIssue 13's criterion per task: mean target share of the subset over seeds (≥ 2× the pool's on every "
+            "seed?); target loss − base [95% CI]; ✓ = both hold (share ≥ 2× pool on every seed and the loss CI "
+            "below 0).\n", markdown_table(["method"] + tasks + ["tasks passed"], rows)]
 
 
 def count_cell(stat: dict) -> str:
