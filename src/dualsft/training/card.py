@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dualsft.config import recorded_config
 from dualsft.io import read_json
 from dualsft.report import fmt_stat, get, markdown_table
 
@@ -150,9 +151,9 @@ def read_card_inputs(run_dir: Path, train_dir: Path, merge_command: str) -> Card
         folders.append((eval_dir, "eval"))
     commands = []
     for folder, words in folders:
-        if (folder / "metadata.json").exists():
-            cls = importlib.import_module(COMMANDS[words]).CONFIG
-            commands.append(command_line(words, cls, read_json(folder / "metadata.json").get("config") or {}))
+        config = recorded_config(folder.parent, folder.name)  # {} when the stage did not run (or is unreadable)
+        if config:
+            commands.append(command_line(words, importlib.import_module(COMMANDS[words]).CONFIG, config))
     base = (train.get("base_model") or {}).get("id", "")
     return CardInputs(base, train, is_hub_id(base), selection, metrics, [*commands, merge_command])
 
