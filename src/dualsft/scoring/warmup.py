@@ -41,7 +41,7 @@ from dualsft.io import read_json, save_tensors, write_json
 from dualsft.models import load_model, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
-from dualsft.training.loop import TrainResult, TrainSettings, chained_epoch_order, train_restricted
+from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, chained_epoch_order, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, RESULT_NEUTRAL, Reporter, ReportTo, make_reporter
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ class WarmupConfig(CommonConfig):
 
 
 CONFIG = WarmupConfig
-NEUTRAL = (RESULT_NEUTRAL, "config.gradient_checkpointing")  # options that never change θw or c: a rerun may change them
+# options that never change θw or c (the training loop's neutral settings the warm-up has, reporting): a rerun
+# may change them
+NEUTRAL = (RESULT_NEUTRAL, *(f"config.{k}" for k in NEUTRAL_SETTINGS if k in WarmupConfig.__dataclass_fields__))
 
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int) -> None:

@@ -52,6 +52,9 @@ Method = Literal["sparse", "dense-masked", "full", "lora"]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 EpochOrder = Callable[[int, int, int], list[int]]  # (N, seed, epoch) -> a permutation of 0..N-1
 DEFAULT_LR = {"sparse": 2e-5, "dense-masked": 2e-5, "full": 2e-5, "lora": 2e-4}
+# TrainSettings fields that never change the trained weights: a checkpoint or a stage folder made under other
+# values of these still resumes (stages ignore them as "config.<name>" in their metadata comparison)
+NEUTRAL_SETTINGS = ("progress", "checkpoint_every", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -355,7 +358,7 @@ def _mask_checksum(mask: dict[str, torch.Tensor] | None) -> list[float]:
 def _fingerprint_settings(settings: TrainSettings) -> dict:
     """Settings that decide the result (a checkpoint made under others is refused)."""
     d = asdict(settings)
-    for k in ("progress", "checkpoint_every", "gradient_checkpointing"):  # these never change the weights
+    for k in NEUTRAL_SETTINGS:
         d.pop(k, None)
     return {k: v for k, v in d.items() if k in {f for f in TrainSettings.__dataclass_fields__}}
 

@@ -32,7 +32,7 @@ from dualsft.io import read_json, write_json, write_jsonl
 from dualsft.runs import build_metadata, portable_config, prepare_stage_dir
 from dualsft.training.checkpoint import clear_checkpoints
 from dualsft.training.delta import DELTA_FILE, LORA_DIR, extract_delta, save_delta
-from dualsft.training.loop import TrainResult, TrainSettings, resolved_lr, train_restricted
+from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, resolved_lr, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, ReportTo, make_reporter
 from dualsft.training.reporting import RESULT_NEUTRAL as REPORTING
 
@@ -62,8 +62,8 @@ class TrainConfig(TrainSettings, CommonConfig):
 
 CONFIG = TrainConfig
 # Options that do not change the trained weights: a rerun that differs only in these still resumes.
-RESULT_NEUTRAL = ("config.progress", "config.overwrite", "config.keep_checkpoints", "config.checkpoint_every",
-                  "config.gradient_checkpointing", REPORTING)
+RESULT_NEUTRAL = (*(f"config.{k}" for k in NEUTRAL_SETTINGS), "config.overwrite", "config.keep_checkpoints",
+                  REPORTING)
 
 
 def resolve_paths(cfg: TrainConfig) -> tuple[str | Path, Path | None, Path]:
