@@ -72,10 +72,6 @@ def synthetic_records(n: int, seq_len: int, seed: int) -> list[dict]:
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def make_model_dir(size: str, vocab: int, device: str, folder: Path) -> int:
     """A random-initialised Llama of ``size`` in bf16 (float32 on CPU) saved with the byte tokenizer; returns
     its parameter count."""
@@ -201,6 +197,8 @@ def compute_seconds(stage: str, run: Path) -> float | None:
 
 def check_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One size: model, data, the reference pass, the stages. OOM is caught and recorded."""
+    from dualsft.io import write_jsonl
+
     folder = work / size
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -256,10 +256,10 @@ def compare_task(cfg: CompareConfig, plan: dict[str, tuple[str, str, str]], seed
         results[name] = {"data": data_m, "param": param_m, "order": order, "variant": split_method(name)[1] or None,
                          "lr": chosen[name], "dev_loss": dev.get(name, {}), "seeds": per_seed,
                          "summary": summarise_method(per_seed)}
-    add_intervals(results, out, seeds, base_dir)
+    scores = add_intervals(results, out, seeds, base_dir)
     task = cfg.data.target_task if not cfg.data_dir else None
     doc = {"base": base_metrics, "methods": results, "reference": reference_method(results),
-           "target_check": target_check(task, results, out, seeds) if task else {},
+           "target_check": target_check(task, results, scores, out) if task else {},
            "config": portable_config(dataclasses.asdict(cfg))}
     write_json(out / "results.json", doc)
     write_outputs(cfg, out, base_metrics, results, scoring[seeds[0]].get("", None), doc["target_check"])
@@ -485,9 +485,10 @@ def reference_method(results: dict[str, Any]) -> str:
     return "dualsft" if "dualsft" in results else next(iter(results))
 
 
-def add_intervals(results: dict[str, Any], out: Path, seeds: list[int], base_dir: Path) -> None:
+def add_intervals(results: dict[str, Any], out: Path, seeds: list[int], base_dir: Path) -> dict[str, Any]:
     """Per method: "ci" (mean ± 95% bootstrap CI over seeds × test items per metric) and, for every other
-    method, "vs_reference" (reference − method, paired on seeds and items, with its verdict)."""
+    method, "vs_reference" (reference − method, paired on seeds and items, with its verdict). Returns the
+    per-item scores read from the predictions: {method: {column: [per seed {item: score}]}}."""
     from dualsft.evaluation.cells import item_scores, method_cells, paired_cells
 
     scores = {}
@@ -499,12 +500,13 @@ def add_intervals(results: dict[str, Any], out: Path, seeds: list[int], base_dir
     for name in results:
         if name != ref:
             results[name]["vs_reference"] = {"reference": ref, **paired_cells(scores[ref], scores[name])}
+    return scores
 
 
-def target_check(task: str, results: dict[str, Any], out: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
+def target_check(task: str, results: dict[str, Any], scores: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     """Issue 13's criterion per method: does the subset find the target task (its share of the subset at least
     twice the pool's, on every seed) and does training help it (target loss − the base model's, paired on
-    seeds × test items, 95% CI wholly below 0)?"""
+    seeds × test items, 95% CI wholly below 0)? ``scores``: what ``add_intervals`` returned."""
     from dualsft.evaluation.cells import common_items, item_scores, score_matrix
     from dualsft.evaluation.stats import paired_difference
 
@@ -513,8 +515,7 @@ def target_check(task: str, results: dict[str, Any], out: Path, seeds: list[int]
     for name, r in results.items():
         shares = [get(s, "composition", "task", task, "share_of_subset") or 0.0 for s in r["seeds"]]
         pool = get(r["seeds"][0], "composition", "task", task, "share_of_pool")
-        runs = [item_scores(out / safe_name(name) / f"seed{s}" / "eval" / "predictions.jsonl", "tuned")
-                .get("target loss", {}) for s in seeds]
+        runs = scores[name].get("target loss") or [{} for _ in r["seeds"]]
         items = common_items([base], runs)
         diff = (paired_difference(score_matrix(runs, items), score_matrix([base] * len(runs), items)).as_dict()
                 if items else None)
@@ -567,10 +568,7 @@ def write_outputs(cfg: CompareConfig, out: Path, base: dict, results: dict[str, 
                   checks: dict[str, dict[str, Any]]) -> None:
     """results.md (cells with CIs, paired differences, wins/ties/losses, the target check, compositions),
     tradeoff.png, scores.png."""
-    text = results_markdown(cfg, out, base, results)
-    section = "\n".join(target_check_markdown(cfg.data.target_task, checks))
-    marker = "\n## Subset composition"
-    (out / "results.md").write_text(text.replace(marker, section + "\n" + marker, 1) if section else text)
+    (out / "results.md").write_text(results_markdown(cfg, out, base, results, checks))
     points = {name: (r["summary"]["stability loss"]["mean"], r["summary"]["stability loss"]["std"],
                      100 * r["summary"]["target acc"]["mean"], 100 * r["summary"]["target acc"]["std"])
               for name, r in results.items()}
@@ -586,7 +584,8 @@ CI_COLS = ("target acc", "target loss", "stability loss", "general KL", "HumanEv
 PCT = {"target acc", "HumanEval pass@1"}
 
 
-def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[str, Any]) -> str:
+def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[str, Any],
+                     checks: dict[str, dict[str, Any]]) -> str:
     from dualsft.evaluation.cells import fmt_interval, item_scores, method_cells
     from dualsft.evaluation.stats import tally
     from dualsft.selection.report import composition_table
@@ -634,6 +633,7 @@ def results_markdown(cfg: CompareConfig, out: Path, base: dict, results: dict[st
                                  diff_rows),
                   "\n" + "; ".join(f"{c}: {ref} {t['win']} wins / {t['tie']} ties / {t['loss']} losses"
                                    for c in shown if verdicts[c] for t in [tally(verdicts[c])])]
+    lines += target_check_markdown(cfg.data.target_task, checks)
     lines.append(f"\n## Subset composition (seed {seeds[0]})\n")
     for name, r in results.items():
         comp = r["seeds"][0].get("composition") or {}
