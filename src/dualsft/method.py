@@ -12,6 +12,7 @@ exp_avg_sq), u, φ_param. No paths, no logging, no devices chosen here: tensors 
 Scoring variants (docs/method.md §4 "Scoring variants"):
     φ_data cosine = ⟨u, g_n⟩ / ‖g_n‖                                cosine_scores
     u adam = P ⊙ (η v − ½ η² c ⊙ P ⊙ G),  P = 1/(√c + ε)            adam_scale, u_tensor(p=P)
+    u adam-step: the same with P = 1/(√(β2 c + (1−β2) v²) + ε)        adam_step_scale
     φ_data linear = ⟨u_R, g_n⟩, R = the linear layers' entries      restrict
     v_new normalized = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖ = Σ_q w_q g_q   normalized_target_weights
 """
@@ -69,6 +70,19 @@ def adam_scale(c: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return 1.0 / (c.double().clamp_min(0).sqrt() + eps)
 
 
+def adam_step_scale(c: torch.Tensor, v: torch.Tensor, beta2: float = 0.999, eps: float = 1e-8) -> torch.Tensor:
+    """P = 1/(√(β2 c + (1 − β2) v²) + ε) for one parameter (float64): the denominator of the Adam step that
+    the target direction v itself would take from the warm-up's raw exp_avg_sq c (the ``adam-step`` variant,
+    docs/method.md §4). As in LESS's simulated step, the new gradient enters its own second moment, so a
+    coordinate the warm-up never moved (c ≈ 0) gets P ≈ 1/(√(1 − β2)|v|), at most ~31.6 η per unit of u,
+    instead of 1/ε as in ``adam_scale``. No bias correction (LESS's rule too)."""
+    second = beta2 * c.double().clamp_min(0) + (1 - beta2) * v.double().to(c.device).pow(2)
+    return 1.0 / (second.sqrt() + eps)
+
+
+PRECONDITIONS = ("none", "adam", "adam-step")
+
+
 def restrict(u: Mapping[str, torch.Tensor], names: list[str]) -> ParamDict:
     """u on the named parameters only (the others count as 0): φ_data = ⟨u_R, g_n⟩ over R = ``names``, and
     then Σ_n φ_data[n] = Σ_{j ∈ R} φ_param_j (the row–column identity restricted to R)."""
@@ -80,22 +94,27 @@ def restrict(u: Mapping[str, torch.Tensor], names: list[str]) -> ParamDict:
 
 def direction_u(v: Mapping[str, torch.Tensor], eta: float, order: int, c: Mapping[str, torch.Tensor] | None = None,
                 G: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
-                precondition: bool = False) -> ParamDict:
+                precondition: str = "none") -> ParamDict:
     """u per parameter (docs/method.md §4): η v (order 1) or η v − ½ η² c ⊙ G (order 2, needs c and G);
-    with ``precondition`` the Adam-step form of ``u_tensor``, P = ``adam_scale(c)`` made one parameter at a
-    time (needs c at either order; no second copy of c is held).
+    with ``precondition`` "adam" or "adam-step" the Adam-step form of ``u_tensor``, P = ``adam_scale(c)``
+    or ``adam_step_scale(c, v)``, made one parameter at a time (needs c at either order; no second copy of c
+    is held).
 
     A parameter missing from ``c`` has no curvature estimate: its second-order term is 0 (see
     ``missing_curvature``). With G = G_S (a subset's gradient sum) this is u(S) of joint refinement."""
     check_order(order)
     if order == 2 and (G is None or c is None):
         raise ConfigError("order 2 needs both G and the curvature c (Adam exp_avg_sq from the warm-up)")
-    if precondition and (c is None or set(v) - set(c)):
+    if precondition not in PRECONDITIONS:
+        raise ConfigError(f"--precondition must be one of {PRECONDITIONS}, got {precondition!r}")
+    if precondition != "none" and (c is None or set(v) - set(c)):
         missing = sorted(set(v) - set(c or {}))[:3]
-        raise ConfigError(f"--precondition adam needs c for every scored parameter; missing {missing}")
+        raise ConfigError(f"--precondition {precondition} needs c for every scored parameter; missing {missing}")
 
     def p(n: str) -> torch.Tensor | None:
-        return adam_scale(c[n]) if precondition else None  # type: ignore[index]
+        if precondition == "adam":
+            return adam_scale(c[n])  # type: ignore[index]
+        return adam_step_scale(c[n], v[n]) if precondition == "adam-step" else None  # type: ignore[index]
 
     if order == 1:
         return {n: u_tensor(vn, eta, dtype=dtype, p=p(n)) for n, vn in v.items()}
@@ -174,7 +193,7 @@ def _sq(t: torch.Tensor) -> float:
 def combine_u(v_new: Mapping[str, torch.Tensor], v_prior: Mapping[str, torch.Tensor] | None,
               G: Mapping[str, torch.Tensor] | None, c: Mapping[str, torch.Tensor] | None, eta: float,
               lambda_new: float, lambda_prior: float, order: int,
-              precondition: bool = False) -> tuple[ParamDict, ParamDict, dict[str, float]]:
+              precondition: str = "none") -> tuple[ParamDict, ParamDict, dict[str, float]]:
     """(u, v, term norms) from the scoring statistics: ``combine_v``, then ``direction_u``, then
     ``u_term_norms`` (docs/method.md §4; the norms are of the unpreconditioned terms)."""
     check_order(order)

@@ -1,7 +1,8 @@
 """The named scoring variants (docs/method.md §4 "Scoring variants") against brute-force float64 oracles:
 ``--data-score cosine`` (exact per-example gradient norms from the ghost pass), ``--target-gradient
 normalized`` (v_new from per-example target norms), ``--score-tokens answer`` (answer-token loss),
-``--precondition adam`` (u = P⊙(ηv − ½η²c⊙P⊙G)) and ``--data-params linear`` (φ_data over the linear layers)."""
+``--precondition adam`` (u = P⊙(ηv − ½η²c⊙P⊙G)), ``--precondition adam-step`` (P from c and v) and
+``--data-params linear`` (φ_data over the linear layers)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def dot(a, b) -> float:
 def oracle_rows(d, loss_tokens="response", target_gradient="mean", data_score="inner", scale=None,
                 names=None) -> torch.Tensor:
     """φ_data by the explicit formulas: v_new (mean, or mean‖g‖ · mean g/‖g‖), u = η v_new (times ``scale``
-    per entry: Adam's P), ⟨u, g_n⟩ over ``names`` (default all) (/‖g_n‖)."""
+    per entry: Adam's P, a dict, or a function of v giving it), ⟨u, g_n⟩ over ``names`` (default all)
+    (/‖g_n‖)."""
     tg, pg = oracle_split(d, "target", loss_tokens), oracle_split(d, "pool", loss_tokens)
     norms = [dot(g, g) ** 0.5 for g in tg]
     if target_gradient == "mean":
@@ -121,6 +123,8 @@ def oracle_rows(d, loss_tokens="response", target_gradient="mean", data_score="i
     else:
         mean_norm = sum(norms) / len(norms)
         v = {n: mean_norm * sum(g[n] / q for g, q in zip(tg, norms)) / len(tg) for n in tg[0]}
+    if callable(scale):
+        scale = scale(v)
     if scale is not None:
         v = {n: scale[n] * t for n, t in v.items()}
     if names is not None:
@@ -204,6 +208,40 @@ def test_precondition_adam_matches_oracle(micro_folder, tmp_path):
     assert not torch.equal(order, torch.argsort(oracle_rows(micro_folder)))
 
 
+def test_precondition_adam_step_matches_oracle(micro_folder, tmp_path):
+    """--precondition adam-step (order 1): φ_data == ⟨η P⊙v_new, g_n⟩ with P = 1/(√(0.999 c + 0.001 v_new²)
+    + 1e-8), one backward per example; where c = 0 the scale stays bounded by 1/(√0.001 |v|), unlike adam's
+    1/ε; the row-column identity holds; and the ranking differs from --precondition adam's."""
+    from dualsft.io import save_tensors
+    from dualsft.method import adam_scale, adam_step_scale
+    from dualsft.models import load_model
+    from dualsft.scoring.stats import trainable_params
+
+    params = trainable_params(load_model(str(micro_folder / "model"), "float64", "cpu"))
+    gen = torch.Generator().manual_seed(3)
+    c = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64).pow(4) * 1e-4 for n, p in params.items()}
+    first = next(iter(c))
+    c[first].view(-1)[: c[first].numel() // 3] = 0.0  # a third of one tensor the warm-up never moved
+    save_tensors(tmp_path / "c.safetensors", {n: t.float() for n, t in c.items()})
+    cf = {n: t.float().double() for n, t in c.items()}
+
+    def step_scale(v):
+        return {n: 1.0 / ((0.999 * cf[n] + 0.001 * v[n] ** 2).sqrt() + 1e-8) for n in v}
+
+    rows, summary = score_cli(micro_folder, tmp_path / "s", "--precondition", "adam-step", "--curvature",
+                              str(tmp_path / "c.safetensors"))
+    assert rel_err(scores_of(rows), oracle_rows(micro_folder, scale=step_scale)) <= E2E_TOL
+    assert abs(summary["sum_data"] - summary["uTG"]) <= 1e-8 * abs(summary["uTG"])
+    assert summary["precondition"] == "adam-step"
+    v = torch.tensor([1e-3, -2e-3])
+    zero = torch.zeros(2)
+    assert torch.allclose(adam_step_scale(zero, v), 1.0 / (0.001**0.5 * v.abs().double() + 1e-8))
+    assert float(adam_scale(zero).max()) == pytest.approx(1e8)
+    adam_rows, _ = score_cli(micro_folder, tmp_path / "a", "--precondition", "adam", "--curvature",
+                             str(tmp_path / "c.safetensors"))
+    assert not torch.equal(torch.argsort(scores_of(rows)), torch.argsort(scores_of(adam_rows)))
+
+
 def test_precondition_refuses_without_curvature(micro_folder, tmp_path, caplog):
     """No warm-up and no --curvature: a typed ConfigError (the CLI exits non-zero and says what to do)."""
     from dualsft.cli import main as cli
@@ -238,7 +276,7 @@ def test_adam_step_u_order2_identity():
     v, G = ({"w": torch.randn(5, 3, generator=gen, dtype=torch.float64)} for _ in range(2))
     c = {"w": torch.rand(5, 3, generator=gen, dtype=torch.float64)}
     eta = 0.3
-    u = direction_u(v, eta, 2, c, G, precondition=True)["w"]
+    u = direction_u(v, eta, 2, c, G, precondition="adam")["w"]
     p = 1.0 / (c["w"].sqrt() + 1e-8)
     assert torch.allclose(u, p * (eta * v["w"] - 0.5 * eta**2 * c["w"] * p * G["w"]), rtol=1e-12, atol=0)
     surrogate = eta * (v["w"] * p * G["w"]).sum() - 0.5 * eta**2 * (c["w"] * (p * G["w"]) ** 2).sum()

@@ -84,6 +84,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cosine": {"data_score": "cosine"},
     "normalized": {"target_gradient": "normalized"},
     "adam": {"precondition": "adam"},
+    "adamstep": {"precondition": "adam-step"},
     "linear": {"data_params": "linear"},
 }
 

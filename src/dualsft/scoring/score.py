@@ -11,7 +11,8 @@ Passes (each with a progress bar in examples/s; wall time recorded):
     order 2:   pool_G     G = Σ_n g_n;   then u = ηv − ½η² c⊙G;   pool_rows  φ_data = ⟨u, g_n⟩
     --data-score cosine: the row pass also gives ‖g_n‖² (scoring/norms.py) and "score" = ⟨u, g_n⟩/‖g_n‖
     --score-tokens answer: every pass's loss covers the answer's own tokens (no template end tokens)
-    --precondition adam: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) (Adam's step); --data-params linear: the row
+    --precondition adam: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) (Adam's step); adam-step: P = 1/(√(β2c +
+    (1−β2)v²) + ε) (the step v itself would take, as LESS simulates it); --data-params linear: the row
     pass uses u on the linear layers only (φ_data = ⟨u_R, g_n⟩; summary.json's sum_param_rows = Σ_R φ_param)
 Every pass runs on scoring/passes.py; u and φ_param are dualsft/method.py's.
 Data parallel (``torchrun --nproc_per_node N -m dualsft score ...``): the target, anchor and pool examples
@@ -126,7 +127,7 @@ def main(cfg: ScoreConfig) -> int:
 
     cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
     rows = ROWS + (("sq_norms",) if cosine else ())
-    adam = cfg.precondition == "adam"  # u for one Adam step: P = 1/(√c + ε) per parameter (method.adam_scale)
+    adam = cfg.precondition  # none, or u for one Adam step: P per parameter (method.adam_scale / adam_step_scale)
     R = row_parameters(cfg, model, params)
     if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
         u, v, norms = combine_u(v_new, v_prior, None, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, adam)
@@ -250,13 +251,13 @@ def warn_missing_curvature(v: dict[str, torch.Tensor], c: dict[str, torch.Tensor
 
 
 def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """c for order 2 or --precondition adam (from --curvature or the warm-up); order 1 alone needs none."""
+    """c for order 2 or --precondition adam|adam-step (from --curvature or the warm-up); order 1 alone needs none."""
     path = cfg.curvature or (warm or {}).get("curvature")
     if cfg.order == 1 and cfg.precondition == "none":
         return None, None
     if not path:
-        if cfg.precondition == "adam":
-            raise ConfigError("--precondition adam needs Adam's exp_avg_sq c from the warm-up, but there is none: "
+        if cfg.precondition != "none":
+            raise ConfigError(f"--precondition {cfg.precondition} needs Adam's exp_avg_sq c from the warm-up, but there is none: "
                               "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use "
                               "--precondition none")
         raise ConfigError("--order 2 needs the curvature c (Adam exp_avg_sq of the warm-up), but there is none: "

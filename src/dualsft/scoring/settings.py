@@ -54,9 +54,11 @@ class ScoreConfig(CommonConfig):
         "mean", "v_new: mean = mean target gradient; normalized = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖, LESS's "
         "normalised direction RESCALED to the mean gradient's typical size so that λ_prior keeps its meaning "
         "(unscaled it is ~30x smaller than v_prior on SmolLM2 and the prior takes over); one extra target pass")
-    precondition: Literal["none", "adam"] = opt(
+    precondition: Literal["none", "adam", "adam-step"] = opt(
         "none", "u: none = the paper's (an SGD step); adam = Adam's step: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) "
-        "from the warm-up's exp_avg_sq, as LESS preconditions its gradients (needs the warm-up's c, any order)")
+        "from the warm-up's exp_avg_sq, as LESS preconditions its gradients; adam-step = the same with "
+        "P = 1/(√(β2·c + (1−β2)·v²) + ε), the step v itself would take (bounded where the warm-up never moved a "
+        "coordinate, c ≈ 0); both need the warm-up's c, any order")
     data_params: Literal["all", "linear"] = opt(
         "all", "parameters φ_data sums over: all = every trainable one (the paper); linear = the transformer's "
         "linear layers only (no embeddings, tied or untied output head, norms), as LESS's features; φ_param "
@@ -77,7 +79,8 @@ class ScoreConfig(CommonConfig):
         require(self.data_score in ("inner", "cosine"), "data-score", self.data_score, "use inner or cosine")
         require(self.target_gradient in ("mean", "normalized"), "target-gradient", self.target_gradient,
                 "use mean or normalized")
-        require(self.precondition in ("none", "adam"), "precondition", self.precondition, "use none or adam")
+        require(self.precondition in ("none", "adam", "adam-step"), "precondition", self.precondition,
+                "use none, adam or adam-step")
         require(self.data_params in ("all", "linear"), "data-params", self.data_params, "use all or linear")
         require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
                 "cosine needs per-example gradient norms: use --method ghost (default) or exact")
@@ -106,7 +109,7 @@ class ScoringSettings:
     score_tokens: str          # scoring variants (docs/method.md §4): response | answer
     data_score: str            # inner | cosine
     target_gradient: str       # mean | normalized
-    precondition: str          # none | adam
+    precondition: str          # none | adam | adam-step
     data_params: str           # all | linear
     assistant_turns: str       # chat records: last | all assistant turns carry loss
 
