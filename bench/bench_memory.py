@@ -2,6 +2,8 @@
 
     python bench/bench_memory.py                       # table on stdout + bench/results/memory.json
     python bench/bench_memory.py --seq-len 128 --repeats 3
+    python bench/bench_memory.py --seq-len 256 --methods sparse,dense-masked --gradient-checkpointing \
+        --loss-chunk 256 --out bench/results/memory_seq256_ckpt.json
 
 Methods, same data and batch, each in its own subprocess (so peaks do not mix):
     sparse        dualsft's SparseAdamW, 10% random element mask over ALL parameters
@@ -48,7 +50,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(method: str, seq_len: int, batch: int, steps: int, frac: float, threads: int) -> dict:
+def worker(method: str, seq_len: int, batch: int, steps: int, frac: float, threads: int,
+           gradient_checkpointing: bool = False, loss_chunk: int = 0) -> dict:
     """One method in this process: returns its memory and time figures."""
     import torch
 
@@ -76,7 +79,8 @@ def worker(method: str, seq_len: int, batch: int, steps: int, frac: float, threa
     rss0 = _status_kb("VmRSS")
     reset = _reset_peak()
     st = TrainSettings(method=method, batch_size=batch, micro_batch_size=batch, max_steps=steps + 1,
-                       checkpoint_every=0, progress=False, max_grad_norm=1.0)
+                       checkpoint_every=0, progress=False, max_grad_norm=1.0,
+                       gradient_checkpointing=gradient_checkpointing, loss_chunk=loss_chunk)
     res = train_restricted(model, examples, mask, st, pad_token_id=0)
     times = [res.metrics[0]["time"]] + [b["time"] - a["time"] for a, b in zip(res.metrics, res.metrics[1:])]
     hwm = _status_kb("VmHWM")
@@ -136,10 +140,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier on a shared machine)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="every method with activation checkpointing")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="every method's LM head + loss N positions at a time")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    knobs = (args.seq_len, args.batch, args.steps, args.frac, args.threads)
+    knobs = (args.seq_len, args.batch, args.steps, args.frac, args.threads, args.gradient_checkpointing,
+             args.loss_chunk)
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, *knobs)))
         return 0
@@ -148,7 +155,8 @@ def main() -> int:
     for rep in range(args.repeats):  # interleaved: a, b, c, d, a, b, c, d ...
         for m in methods:
             cmd = [sys.executable, __file__, "--worker", m, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--frac", str(args.frac), "--threads", str(args.threads)]
+                   "--steps", str(args.steps), "--frac", str(args.frac), "--threads", str(args.threads),
+                   "--loss-chunk", str(args.loss_chunk)] + (["--gradient-checkpointing"] * args.gradient_checkpointing)
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -162,7 +170,8 @@ def main() -> int:
     targets = check_targets(summary)
     out = {"setup": {"model": "SmolLM2-135M-Instruct (float32, sdpa)", "seq_len": args.seq_len, "batch": args.batch,
                      "timed_steps": args.steps, "mask_fraction": args.frac, "threads": args.threads,
-                     "repeats": args.repeats, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()},
+                     "repeats": args.repeats, "gradient_checkpointing": args.gradient_checkpointing,
+                     "loss_chunk": args.loss_chunk, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()},
            "summary": summary, "targets": targets, "runs": runs, "bench_wall_s": round(time.time() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4, help="examples per forward/backward")
     p.add_argument("--vocab", type=int, default=128256, help="vocabulary of the random model")
     p.add_argument("--no-checkpointing", action="store_true", help="run without --gradient-checkpointing")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="warm-up and training --loss-chunk (0: full logits)")
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one, deleted)")
     p.add_argument("--out", default="bench/results/gpu_check.json")
     args = p.parse_args(argv)
@@ -160,7 +161,8 @@ def run_stages(model_dir: Path, run: Path, data: Path, args: argparse.Namespace)
     stages = {
         "warmup": (warmup.main, warmup.WarmupConfig(**common, pool=str(data / "pool.jsonl"),
                                                     warmup_ratio=warm_n / args.pool, batch_size=args.micro_batch * 2,
-                                                    micro_batch_size=args.micro_batch, gradient_checkpointing=ckpt),
+                                                    micro_batch_size=args.micro_batch, gradient_checkpointing=ckpt,
+                                                    loss_chunk=args.loss_chunk),
                    warm_n),
         "score": (score.main, score.ScoreConfig(**common, pool=str(data / "pool.jsonl"),
                                                 target=str(data / "val.jsonl"), batch_size=args.micro_batch),
@@ -168,7 +170,8 @@ def run_stages(model_dir: Path, run: Path, data: Path, args: argparse.Namespace)
         "select": (select.main, select.SelectConfig(run_dir=str(run), plot=False), 0),
         "train": (train.main, train.TrainConfig(**common, epochs=2, batch_size=args.micro_batch,
                                                 micro_batch_size=args.micro_batch, lr=1e-5, progress=False,
-                                                checkpoint_every=0, gradient_checkpointing=ckpt),
+                                                checkpoint_every=0, gradient_checkpointing=ckpt,
+                                                loss_chunk=args.loss_chunk),
                   2 * max(1, args.pool // 10)),  # select's default budget: 10% of the pool, 2 epochs
     }
     out = {}
@@ -205,7 +208,7 @@ def check_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     write_jsonl(data / "pool.jsonl", synthetic_records(args.pool, args.seq_len, 0))
     write_jsonl(data / "val.jsonl", synthetic_records(args.val, args.seq_len, 1))
     row: dict[str, Any] = {"size": size, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                           "gradient_checkpointing": not args.no_checkpointing}
+                           "gradient_checkpointing": not args.no_checkpointing, "loss_chunk": args.loss_chunk}
     try:
         t0 = time.time()
         row["params"] = make_model_dir(size, args.vocab, args.device, folder / "model")

@@ -54,6 +54,16 @@ def test_first_difference_ignores_volatile_fields():
     assert first_difference({"x": {"y": 1}}, {"x": {"y": 2}}) == "x.y"
 
 
+def test_an_option_added_later_matches_older_records_at_its_old_behaviour():
+    """A record made before --loss-chunk existed equals a new one with --loss-chunk 0 (what it did), at any
+    depth; any other value, or an unknown new key, is still a difference."""
+    old = {"config": {"lr": 1.0, "train": {"epochs": 3}}}
+    new = {"config": {"lr": 1.0, "loss_chunk": 0, "train": {"epochs": 3, "gradient_checkpointing": False}}}
+    assert first_difference(old, new) is None
+    assert first_difference(old, {"config": {"lr": 1.0, "loss_chunk": 512, "train": {"epochs": 3}}}) == "config.loss_chunk"
+    assert first_difference(old, {"config": {"lr": 1.0, "other": 0, "train": {"epochs": 3}}}) == "config.other"
+
+
 def test_require_stage_says_which_command_to_run(tmp_path):
     with pytest.raises(ArtifactError, match="run `dualsft score` first"):
         require_stage(tmp_path, "scores")

@@ -261,6 +261,16 @@ def gather_rows(local_scores: torch.Tensor, local_indices: torch.Tensor | list[i
     return out
 
 
+def all_gather_concat(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's [n_r, ...] ``values`` concatenated in rank order (lengths may differ); a collective.
+    In one process: ``values`` itself."""
+    if world_size() <= 1:
+        return values
+    home = values.device
+    idx = torch.zeros(values.shape[0], dtype=torch.int64, device=comm_device())
+    return _all_gather_padded(idx, values.to(comm_device()))[1].to(home)
+
+
 def _all_gather_padded(idx: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """all_gather variable-length (idx [n_r], values [n_r, ...]) from every rank; concatenated, padding dropped."""
     world = world_size()

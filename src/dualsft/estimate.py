@@ -24,7 +24,9 @@ What is counted (bytes; P parameters, k = --k-fraction·P selected entries, N = 
                          eager attention probabilities B × heads × T² × act bytes per layer, plus the
                          logits B × T × V × 10 bytes (bf16 logits, fp32 log-softmax and its gradient);
                          --gradient-checkpointing (warm-up and training only): B × T × layers × h × act
-                         bytes (each layer's input) + one layer's full activations + the logits
+                         bytes (each layer's input) + one layer's full activations + the logits;
+                         --loss-chunk C (warm-up and training only): the logits term is one chunk's,
+                         min(C, B·T) × V × 10 bytes, instead of B × T × V × 10
 Real peaks add the CUDA context (~0.5–1 GiB), allocator fragmentation and framework buffers.
 """
 
@@ -80,6 +82,8 @@ class EstimateConfig:
     gradient_checkpointing: bool = opt(False, "warm-up and training with --gradient-checkpointing: only each "
                                               "layer's input is kept, one layer's activations at a time (scoring "
                                               "does not checkpoint)")
+    loss_chunk: int = opt(0, "warm-up and training with --loss-chunk C: the logits of C positions at a time "
+                             "instead of the whole batch's (0: full logits)")
     json: bool = opt(False, "print JSON instead of a table")
 
 
@@ -140,15 +144,16 @@ def model_dims(config: Any, name: str) -> ModelDims:
 
 
 def activation_bytes(m: ModelDims, batch: int, seq: int, act_bytes: int, eager: bool,
-                     checkpointed: bool = False) -> int:
+                     checkpointed: bool = False, loss_chunk: int = 0) -> int:
     """ROUGH activation memory of one forward+backward (see module docstring). ``checkpointed``: every layer
-    keeps only its input (T × h per example) and one layer's full activations exist at a time (the recompute)."""
+    keeps only its input (T × h per example) and one layer's full activations exist at a time (the recompute).
+    ``loss_chunk`` > 0: the logits of that many positions at a time (losses.chunked_per_example_loss)."""
     per_token_layer = (6 * m.hidden + 2 * m.kv_dim + 4 * m.intermediate) * act_bytes
     attn = m.heads * seq * seq * act_bytes if eager else 0  # per example per layer
-    logits = seq * m.vocab * 10
+    logits = (min(loss_chunk, batch * seq) if loss_chunk > 0 else batch * seq) * m.vocab * 10
     if checkpointed:
-        return batch * (m.layers * seq * m.hidden * act_bytes + seq * per_token_layer + attn + logits)
-    return batch * (m.layers * (seq * per_token_layer + attn) + logits)
+        return batch * (m.layers * seq * m.hidden * act_bytes + seq * per_token_layer + attn) + logits
+    return batch * m.layers * (seq * per_token_layer + attn) + logits
 
 
 def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]:
@@ -156,7 +161,8 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     wb, P, N = DTYPE_BYTES[cfg.weights_dtype], m.params, cfg.world_size
     share = {"replicated": 1.0, "sharded": 1.0 / N, "offload": 0.0}[cfg.stats]
     acts = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, cfg.attention == "eager")
-    acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False, cfg.gradient_checkpointing)
+    acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False, cfg.gradient_checkpointing,
+                                 cfg.loss_chunk)
     k = int(cfg.k_fraction * P)
     sparse_per_entry = 16 + (4 if wb < 4 else 0)
     lora_params = 16 * m.linear_in_out  # r = 16
@@ -194,7 +200,8 @@ def render(m: ModelDims, cfg: EstimateConfig, stages: dict[str, dict[str, int]])
         detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
         lines.append(f"  {stage:<50s} {sum(parts.values()) / GIB:8.1f}   ({detail})")
     lines.append("activations are rough (" + ("warm-up/training checkpointed, scoring not" if cfg.gradient_checkpointing
-                 else "no checkpointing") + "); add ~1 GiB CUDA context and allocator slack")
+                 else "no checkpointing") + (f"; warm-up/training logits {cfg.loss_chunk} positions at a time"
+                                             if cfg.loss_chunk else "") + "); add ~1 GiB CUDA context and allocator slack")
     return "\n".join(lines)
 
 

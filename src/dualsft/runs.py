@@ -29,6 +29,10 @@ from dualsft.io import read_json, write_json
 
 # Fields that describe the environment or the moment, not the result: never compared.
 VOLATILE = ("created", "versions", "host", "wall_time_s", "resumable")
+# Options added after run folders existed, with the value that reproduces what those folders did: a record
+# (stage metadata, checkpoint settings) that lacks one matches a new record holding exactly that value, at
+# any nesting level, so adding an option never orphans older run folders or checkpoints.
+ADDED_OPTIONS: dict[str, Any] = {"gradient_checkpointing": False, "loss_chunk": 0, "sharding": "none"}
 
 
 def portable_path(path: str | os.PathLike) -> str:
@@ -94,10 +98,13 @@ def build_metadata(stage: str, config: Any, model_id: str | None = None, model_f
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    """Dotted name of the first field that differs between two JSON-like values (None if equal)."""
+    """Dotted name of the first field that differs between two JSON-like values (None if equal). A key of
+    ADDED_OPTIONS missing from ``old`` counts as holding its listed value."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
             if not prefix and k in VOLATILE:
+                continue
+            if k not in old and k in ADDED_OPTIONS and new[k] == ADDED_OPTIONS[k]:
                 continue
             d = first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
             if d:

@@ -57,3 +57,16 @@ def test_gradient_checkpointing_keeps_layer_inputs_only():
         assert ckpt[stage]["activations"] < plain[stage]["activations"] / 2
     score = "score (ghost/jvp rows, anchor pass)"
     assert ckpt[score] == plain[score]  # scoring does not checkpoint
+
+
+def test_loss_chunk_keeps_one_chunk_of_logits():
+    """--loss-chunk C: warm-up/training hold C positions' logits instead of B·T (scoring unchanged)."""
+    m = model_dims(load_config("llama-3.2-3b"), "llama-3.2-3b")
+    plain = stage_memory(m, EstimateConfig(batch_size=4, seq_len=1024))
+    chunked = stage_memory(m, EstimateConfig(batch_size=4, seq_len=1024, loss_chunk=512))
+    huge = stage_memory(m, EstimateConfig(batch_size=4, seq_len=1024, loss_chunk=10**6))
+    for stage in ("warmup (full AdamW, DDP as implemented)", "train sparse (SparseAdamW, k entries)"):
+        assert plain[stage]["activations"] - chunked[stage]["activations"] == (4 * 1024 - 512) * m.vocab * 10
+        assert huge[stage]["activations"] == plain[stage]["activations"]  # a chunk larger than B·T is B·T
+    score = "score (ghost/jvp rows, anchor pass)"
+    assert chunked[score] == plain[score]

@@ -64,6 +64,8 @@ class WarmupConfig(CommonConfig):
     report_to: ReportTo = opt("none", REPORT_TO_HELP)
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
                                               "(non-reentrant): less activation memory, the same θw and c")
+    loss_chunk: int = opt(0, "LM head + cross-entropy on the response positions only, N at a time, recomputed "
+                             "in the backward (no [batch, length, vocab] logits); 0 = full logits")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +93,8 @@ def warmup_settings(cfg: WarmupConfig, progress: bool = True) -> TrainSettings:
     return TrainSettings(method="full", lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
                          batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, lr_schedule="constant",
                          warmup_steps=0, max_grad_norm=0.0, seed=cfg.seed, checkpoint_every=0, autocast=False,
-                         progress=progress, gradient_checkpointing=cfg.gradient_checkpointing)
+                         progress=progress, gradient_checkpointing=cfg.gradient_checkpointing,
+                         loss_chunk=cfg.loss_chunk)
 
 
 def warm_up(model: torch.nn.Module, toks: list[TokenizedExample], pad_token_id: int, cfg: WarmupConfig,

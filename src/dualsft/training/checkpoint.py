@@ -26,10 +26,15 @@ LATEST = "latest.json"
 
 
 def save_checkpoint(folder: Path, updater: Any, state: dict, settings: dict) -> Path:
-    """Write the model's trained values, optimizer state, RNG states and loop state for ``state["step"]``."""
+    """Write the model's trained values, optimizer state, RNG states and loop state for ``state["step"]``.
+    Every rank calls it (a sharded optimizer gathers its values and state from all ranks); rank 0 writes."""
+    from dualsft.distributed import is_main
+
     step_dir = folder / f"step-{state['step']:06d}"
     tensors = {f"param::{k}": v for k, v in updater.trainable_values().items()}
     tensors.update({f"opt::{k}": v for k, v in updater.state_tensors().items()})
+    if not is_main():
+        return step_dir
     tensors["rng::cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng::cuda"] = torch.cuda.get_rng_state()

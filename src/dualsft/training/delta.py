@@ -18,6 +18,7 @@ Public API: ``SparseDelta``, ``extract_delta``, ``save_delta``, ``load_delta``, 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,20 +68,23 @@ def extract_delta(model: torch.nn.Module, indices: dict[str, torch.Tensor] | Non
         trainable: names stored densely when ``indices`` is None.
     """
     params = dict(model.named_parameters())
-    out_idx: dict[str, torch.Tensor | None] = {}
-    vals: dict[str, torch.Tensor] = {}
     names = sorted(indices) if indices is not None else sorted(trainable or [])
-    for n in names:
-        p = params[n].detach()
-        if indices is not None:
-            idx = compact_indices(indices[n], p.numel())
-            out_idx[n] = idx
-            vals[n] = p.reshape(-1).index_select(0, idx).cpu().clone()
-        else:
-            out_idx[n] = None
-            vals[n] = p.cpu().clone()
     shapes = {n: tuple(params[n].shape) for n in names}
-    return SparseDelta(out_idx, vals, shapes, base_model, base_fingerprint)
+    if indices is None:
+        return SparseDelta({n: None for n in names}, {n: params[n].detach().cpu().clone() for n in names}, shapes,
+                           base_model, base_fingerprint)
+    idx = {n: compact_indices(indices[n], params[n].numel()) for n in names}
+    vals = {n: params[n].detach().reshape(-1).index_select(0, idx[n]).cpu().clone() for n in names}
+    return delta_from_values(vals, idx, shapes, base_model, base_fingerprint)
+
+
+def delta_from_values(values: dict[str, torch.Tensor], indices: dict[str, torch.Tensor],
+                      shapes: dict[str, tuple[int, ...]], base_model: str = "", base_fingerprint: str = "") -> SparseDelta:
+    """A sparse delta from trained [k] values already read out (e.g. gathered from FSDP shards,
+    ``TrainResult.values``), with the mask's sorted flat ``indices`` and the full ``shapes``."""
+    idx = {n: compact_indices(indices[n], math.prod(shapes[n])) for n in sorted(values)}
+    return SparseDelta(idx, {n: values[n].detach().cpu().clone() for n in sorted(values)},
+                       {n: tuple(shapes[n]) for n in sorted(values)}, base_model, base_fingerprint)
 
 
 def save_delta(path: str | os.PathLike, delta: SparseDelta) -> None:

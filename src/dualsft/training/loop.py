@@ -40,7 +40,7 @@ import torch
 from dualsft import distributed as dist
 from dualsft.data.formats import TokenizedExample, collate
 from dualsft.errors import ConfigError, NonFiniteLossError
-from dualsft.losses import per_example_loss
+from dualsft.losses import training_loss
 from dualsft.models import gradient_checkpointing
 from dualsft.training.checkpoint import load_checkpoint, save_checkpoint
 from dualsft.training.optim import AdamWHyper, DenseAdamW, SparseAdamW, Updater
@@ -53,8 +53,9 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 EpochOrder = Callable[[int, int, int], list[int]]  # (N, seed, epoch) -> a permutation of 0..N-1
 DEFAULT_LR = {"sparse": 2e-5, "dense-masked": 2e-5, "full": 2e-5, "lora": 2e-4}
 # TrainSettings fields that never change the trained weights: a checkpoint or a stage folder made under other
-# values of these still resumes (stages ignore them as "config.<name>" in their metadata comparison)
-NEUTRAL_SETTINGS = ("progress", "checkpoint_every", "gradient_checkpointing")
+# values of these still resumes (stages ignore them as "config.<name>" in their metadata comparison); sharding
+# changes only where the values live (and the float summation order, as the world size does)
+NEUTRAL_SETTINGS = ("progress", "checkpoint_every", "gradient_checkpointing", "sharding")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ class TrainSettings:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's "
                                          "activations in the backward (non-reentrant): less activation memory, "
                                          "about one more forward of compute, the same gradients"})
+    sharding: Literal["none", "fsdp"] = field(default="none", metadata={"help": "fsdp: shard the weights across "
+                                              "the torchrun processes with PyTorch FSDP2 (fully_shard per decoder "
+                                              "layer); each rank keeps optimizer state only for the mask's entries "
+                                              "in its own rows (--method sparse; docs/scaling.md §4b); none: every "
+                                              "rank holds the whole model (data parallel)"})
+    loss_chunk: int = field(default=0, metadata={"help": "compute the LM head and cross-entropy on the response "
+                            "positions only, N positions at a time, recomputing each chunk's logits in the "
+                            "backward (never the [batch, length, vocab] logits); 0 = the full logits"})
 
 
 @dataclass
@@ -104,6 +113,8 @@ class TrainResult:
         state_bytes: analytic optimizer memory by kind (bytes).
         exp_avg_sq: {name: Adam's raw second moment, float32, CPU} of every tensor the optimizer stepped
             (sparse: the [k_p] selected entries), when ``train_restricted(keep_exp_avg_sq=True)``; else None.
+        values: --sharding fsdp: {name: the trained [k_p] values of the whole mask} on every rank (the model
+            itself stays sharded, FSDP2 DTensor parameters); else None (read the model).
     """
 
     model: torch.nn.Module
@@ -117,6 +128,7 @@ class TrainResult:
     trainable_entries: int
     state_bytes: dict[str, int]
     exp_avg_sq: dict[str, torch.Tensor] | None = None
+    values: dict[str, torch.Tensor] | None = None
 
     @property
     def completed(self) -> bool:
@@ -191,6 +203,16 @@ def check_settings(settings: TrainSettings) -> None:
         raise ConfigError(f"--epochs must be at least 1 (got {settings.epochs}) unless --max-steps is set")
     if settings.method not in DEFAULT_LR:
         raise ConfigError(f"unknown --method {settings.method!r}; use one of {sorted(DEFAULT_LR)}")
+    if settings.loss_chunk < 0:
+        raise ConfigError(f"--loss-chunk must be >= 0 (0 = full logits), got {settings.loss_chunk}")
+    if settings.sharding not in ("none", "fsdp"):
+        raise ConfigError(f"--sharding must be none or fsdp, got {settings.sharding!r}")
+    if settings.sharding == "fsdp" and settings.method != "sparse":
+        raise ConfigError(f"--sharding fsdp is implemented for --method sparse only, not {settings.method}; use "
+                          "--sharding none (data parallel) for it")
+    if settings.sharding == "fsdp" and settings.loss_chunk:
+        raise ConfigError("--loss-chunk calls the decoder and the LM head apart, which FSDP's root gathering does "
+                          "not see: use --loss-chunk 0 with --sharding fsdp")
 
 
 def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
@@ -205,6 +227,12 @@ def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
     if m in ("sparse", "dense-masked") and mask is None:
         raise ConfigError(f"--method {m} needs a mask; pass --mask or use --method full")
     if m == "sparse":
+        if settings.sharding == "fsdp":
+            from dualsft.training.sharded import ShardedSparseAdamW, shard_model
+
+            model = shard_model(model)
+            opt = ShardedSparseAdamW(model.named_parameters(), mask, **asdict(hp))
+            return model, opt, [n for n, _ in opt.named]
         opt = SparseAdamW(model.named_parameters(), mask, **asdict(hp))
         return model, opt, [n for n, _ in opt.named]
     if m == "lora":
@@ -231,6 +259,8 @@ def accumulate_grads(model: torch.nn.Module, micro_batches: list[dict[str, torch
     total = 0.0
     for mb in micro_batches:
         batch = _to_device(mb, device)
+        # "scale" 0 marks a padding micro-batch (pad_micro_batches): it runs forward and backward, adds nothing
+        scale = float(batch.pop("scale")) if "scale" in batch else 1.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
             losses = loss_fn(model, batch)  # [b] per-example l_n
         bad = ~torch.isfinite(losses.detach())
@@ -238,13 +268,22 @@ def accumulate_grads(model: torch.nn.Module, micro_batches: list[dict[str, torch
             idx = mb["index"][bad.cpu()].tolist()
             raise NonFiniteLossError(f"non-finite training loss for example index(es) {idx}; check those examples "
                                      "or lower --lr", idx)
-        (losses.sum() / n_examples).backward()
-        total += float(losses.detach().sum())
+        (losses.sum() * scale / n_examples).backward()
+        total += scale * float(losses.detach().sum())
     return total / n_examples
 
 
+def pad_micro_batches(mbs: list[dict[str, torch.Tensor]], n_step: int, micro: int,
+                      filler: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """FSDP runs collectives inside every forward and backward, so every rank must run as many micro-batches:
+    append copies of ``filler`` (one collated example) with "scale" 0 up to the most any rank has for a step
+    of ``n_step`` examples in micro-batches of ``micro`` (they add exactly nothing to loss or gradients)."""
+    most = max(math.ceil(len(dist.shard(n_step, r, dist.world_size())) / micro) for r in range(dist.world_size()))
+    return mbs + [{**filler, "scale": torch.zeros(())} for _ in range(most - len(mbs))]
+
+
 def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample], mask: dict[str, torch.Tensor] | None,
-                     settings: TrainSettings, pad_token_id: int, loss_fn: LossFn = per_example_loss,
+                     settings: TrainSettings, pad_token_id: int, loss_fn: LossFn | None = None,
                      checkpoint_dir: str | Path | None = None, stop_after_steps: int | None = None,
                      order: EpochOrder = epoch_order, keep_exp_avg_sq: bool = False,
                      reporter: Reporter | None = None) -> TrainResult:
@@ -257,7 +296,8 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         mask: {name: sorted flat indices [k_p]} (``dualsft.selection.mask.load_mask``) or None.
         settings: hyperparameters (a ``TrainConfig`` works too).
         pad_token_id: used to pad micro-batches.
-        loss_fn: (model, batch) -> per-example losses [B] (default: response-token mean NLL).
+        loss_fn: (model, batch) -> per-example losses [B] (default: response-token mean NLL,
+            ``losses.training_loss(settings.loss_chunk)``).
         checkpoint_dir: where to save/resume checkpoints (every ``settings.checkpoint_every`` steps); if it
             holds one, training resumes from it and ends exactly where an uninterrupted run would.
         stop_after_steps: leave after this many steps in THIS call (time-sliced jobs; tests of resume).
@@ -272,6 +312,7 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
     check_settings(settings)
     if not examples:
         raise ConfigError("no training examples")
+    loss_fn = loss_fn if loss_fn is not None else training_loss(settings.loss_chunk)
     n = len(examples)
     total = total_steps(n, settings)
     orig_flags = {n_: p.requires_grad for n_, p in model.named_parameters()}
@@ -299,6 +340,9 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
             mine = rank_examples(pos)
             mbs = [collate([examples[i] for i in mine[j:j + settings.micro_batch_size]], pad_token_id)
                    for j in range(0, len(mine), settings.micro_batch_size)]
+            if settings.sharding == "fsdp":
+                mbs = pad_micro_batches(mbs, len(pos), settings.micro_batch_size,
+                                        collate([examples[pos[0]]], pad_token_id))
             lr = lr_at(s, total, settings)
             for group in updater.param_groups:
                 group["lr"] = lr
@@ -312,7 +356,8 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
                                          "lower --lr or set --max-grad-norm", idx)
             updater.step()
             updater.zero_grad()
-            loss, tokens = dist.all_reduce_sum([loss, sum(int(mb["attention_mask"].sum()) for mb in mbs)])
+            real = [mb for mb in mbs if "scale" not in mb]  # not the padding micro-batches
+            loss, tokens = dist.all_reduce_sum([loss, sum(int(mb["attention_mask"].sum()) for mb in real)])
             tokens = int(tokens)
             state["step"], state["tokens"] = s + 1, state["tokens"] + tokens
             state["elapsed"] = time.time() - t_start
@@ -322,16 +367,15 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
             reporter.log_scalars(s + 1, scalars_of(state["metrics"][-1]))
             done_here += 1
             _bar_update(bar, loss, state)
-            if (ckpt is not None and settings.checkpoint_every > 0 and (s + 1) % settings.checkpoint_every == 0
-                    and dist.is_main()):
-                save_checkpoint(ckpt, updater, state, _fingerprint_settings(settings))
+            if ckpt is not None and settings.checkpoint_every > 0 and (s + 1) % settings.checkpoint_every == 0:
+                save_checkpoint(ckpt, updater, state, _fingerprint_settings(settings))  # every rank; rank 0 writes
     finally:
         recompute.close()
         if bar is not None:
             bar.close()
         if isinstance(updater, SparseAdamW):
             updater.remove_hooks()
-    if ckpt is not None and state["step"] >= total and settings.checkpoint_every > 0 and dist.is_main():
+    if ckpt is not None and state["step"] >= total and settings.checkpoint_every > 0:
         save_checkpoint(ckpt, updater, state, _fingerprint_settings(settings))
     dist.barrier()  # rank 0's checkpoint is on disk before any rank moves on
     if settings.method != "lora":
@@ -342,8 +386,10 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
     k = sum(v.numel() for v in mask.values()) if settings.method in ("sparse", "dense-masked") and mask else sum(
         p.numel() for name, p in model.named_parameters() if name in trained_set)
     c = {name: v.detach().float().cpu() for name, v in updater.exp_avg_sq().items()} if keep_exp_avg_sq else None
+    # sharded weights: the trained [k] values gathered from every rank (a collective), for the delta
+    values = updater.trainable_values() if settings.sharding == "fsdp" else None
     return TrainResult(model, settings.method, trained, state["metrics"], state["step"], total, state["tokens"],
-                       state["elapsed"], k, updater.state_bytes(), c)
+                       state["elapsed"], k, updater.state_bytes(), c, values)
 
 
 def _mask_checksum(mask: dict[str, torch.Tensor] | None) -> list[float]:

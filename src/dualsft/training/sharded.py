@@ -1,0 +1,192 @@
+"""Sparse training on FSDP2-sharded weights (``--sharding fsdp``; docs/scaling.md §4b).
+
+    torchrun --nproc_per_node N -m dualsft train --sharding fsdp ...   (gloo on CPU, nccl on GPUs)
+
+``shard_model`` applies PyTorch's own sharding engine, ``torch.distributed.fsdp.fully_shard``, to every
+decoder layer and then to the whole model (embeddings, final norm and head, tied or not, in the root
+group). Each rank then holds rows [start, end) of every parameter (dim 0 split as ``torch.chunk`` does:
+⌈rows/N⌉ per rank, the last ones shorter or empty); FSDP gathers a layer's weights for its forward and
+backward and reduce-scatters its gradients, so each rank receives the SUMMED gradient of its own rows
+(the divide factor is set to 1: every rank already divides its loss by the step's global example count,
+as in data-parallel training, docs/training.md).
+
+``ShardedSparseAdamW`` is ``SparseAdamW`` on those shards: a rank keeps exp_avg, exp_avg_sq, the gradient
+accumulator (and a float32 master for bf16 weights) ONLY for the mask's entries inside its own rows. The
+mask's sorted flat indices split into contiguous per-rank runs (rows are contiguous in the flat order),
+so the concatenation of every rank's [k_r] values in rank order is the global [k] vector: that is how
+trained values, optimizer state and checkpoints are gathered (``trainable_values`` and ``state_tensors``
+are collectives: every rank must call them), and a checkpoint holds the same tensors as an unsharded
+run's (it resumes under either). Entries outside the mask are never written: they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from dualsft import distributed as dist
+from dualsft.errors import ConfigError
+from dualsft.training.optim import SparseAdamW, _state_dtype, clip_coefficient
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a transformers causal LM (``base_model.layers`` or GPT-2's ``.h``)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(lm, "base_model", lm)
+    for name in ("layers", "h", "blocks"):
+        blocks = getattr(inner, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return list(blocks)
+    raise ConfigError(f"--sharding fsdp: found no decoder layers (base_model.layers or .h) in {type(lm).__name__}")
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``fully_shard`` every decoder layer, then the model (in place); gradients reduce-scattered as SUMS.
+    Needs an initialised process group (``dist.dist_context``); with one process it shards over one rank."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not torch.distributed.is_initialized():
+        raise ConfigError("--sharding fsdp needs torch.distributed: launch with torchrun (one process works too)")
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def local_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of dim 0 that ``rank`` holds under FSDP2's even sharding (torch.chunk: ⌈rows/N⌉ each)."""
+    per = math.ceil(rows / world) if rows else 0
+    start = min(rank * per, rows)
+    return start, min(start + per, rows)
+
+
+def local_span(index: torch.Tensor, shape: tuple[int, ...], rank: int, world: int) -> tuple[int, int, int]:
+    """(a, b, offset): this rank's entries are ``index[a:b]`` (sorted flat indices into ``shape``), at local
+    flat positions ``index[a:b] - offset`` of its shard."""
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    start, end = local_rows(shape[0], rank, world)
+    a, b = torch.searchsorted(index.long(), torch.tensor([start * cols, end * cols])).tolist()
+    return int(a), int(b), start * cols
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (its storage: writes reach the parameter); a plain tensor as is."""
+    return p._local_tensor if hasattr(p, "_local_tensor") else p  # DTensor keeps its shard there
+
+
+class ShardedSparseAdamW(SparseAdamW):
+    """``SparseAdamW`` over FSDP2 shards: state only for the selected entries in this rank's rows (module
+    docstring). Gradients arrive in ``p.grad`` (FSDP's reduce-scatter, already summed over ranks) and are
+    folded into [k_r] before clipping and the step, so ``all_reduce_grads`` has nothing left to do."""
+
+    def _init_param(self, name: str, p: torch.nn.Parameter, idx: torch.Tensor) -> None:
+        a, b, offset = local_span(idx, tuple(p.shape), dist.rank(), dist.world_size())
+        local = _local(p)
+        if local.numel() and local.view(-1).shape[0] != local.numel():
+            raise ConfigError(f"--sharding fsdp: the shard of {name!r} is not contiguous")
+        p.requires_grad_(True)
+        sd = _state_dtype(p)
+        index = (idx[a:b].long() - offset).to(device=local.device, dtype=torch.int64)
+        k = index.numel()
+        st = self.state[p]
+        st["step"] = torch.tensor(0.0)
+        st["index"] = index
+        st["span"] = (a, b)
+        st["exp_avg"] = torch.zeros(k, dtype=sd, device=local.device)
+        st["exp_avg_sq"] = torch.zeros(k, dtype=sd, device=local.device)
+        if p.dtype != sd:
+            st["master"] = local.detach().reshape(-1).index_select(0, index).to(sd)
+        self._acc[p] = torch.zeros(k, dtype=sd, device=local.device)
+        self._has_grad[p] = False  # no hook: FSDP assigns the sharded gradient itself
+
+    def _gather(self, p: torch.Tensor) -> None:
+        """Fold this rank's rows of the reduce-scattered gradient into [k_r] and free it."""
+        g = _local(p.grad)
+        self._acc[p].add_(g.reshape(-1).index_select(0, self.state[p]["index"]).to(self._acc[p].dtype))
+        self._has_grad[p] = True
+        p.grad = None
+
+    def _values(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        return st["master"] if "master" in st else _local(p).detach().reshape(-1).index_select(0, st["index"])
+
+    def _write(self, p: torch.Tensor, vals: torch.Tensor) -> None:
+        with torch.no_grad():
+            _local(p).view(-1).index_put_((self.state[p]["index"],), vals.to(p.dtype))
+
+    def all_reduce_grads(self) -> None:
+        """FSDP's reduce-scatter already summed the gradients; only agree on which tensors got one."""
+        self._gather_leftover_grads()
+        named = self.named
+        if dist.world_size() <= 1 or not named:
+            return
+        flags = torch.tensor([float(self._has_grad[p]) for _, p in named], dtype=torch.float64,
+                             device=dist.comm_device())
+        torch.distributed.all_reduce(flags)
+        for (_, p), f in zip(named, flags.tolist()):
+            self._has_grad[p] = f > 0
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        """l2 norm over the selected entries of EVERY rank (one all-reduce of the squared sums), then
+        the same clip coefficient on every rank."""
+        self._gather_leftover_grads()
+        accs = [self._acc[p] for _, p in self.named if self._has_grad[p]]
+        sq = torch.zeros((), dtype=torch.float64, device=dist.comm_device())
+        for a in accs:
+            sq += a.double().pow(2).sum().to(sq.device)
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(sq)
+        norm = sq.sqrt()
+        coef = clip_coefficient(norm, max_norm) if torch.isfinite(norm) else None
+        if coef is not None:
+            for a in accs:
+                a.mul_(coef)
+        return float(norm)
+
+    def _gathered(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: [k]} from every rank's {name: [k_r]} (rank order = flat order). A collective."""
+        return {n: dist.all_gather_concat(v.detach().cpu()) for n, v in local.items()}
+
+    def trainable_values(self) -> dict[str, torch.Tensor]:
+        """{name: [k] current values of the WHOLE mask} (a collective: every rank calls it)."""
+        return self._gathered({n: self._values(p).clone() for n, p in self.named})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """As SparseAdamW's, gathered over ranks (a collective); a checkpoint an unsharded run can load."""
+        out: dict[str, torch.Tensor] = {}
+        for n, p in self.named:
+            st = self.state[p]
+            out.update(self._gathered({f"{n}::exp_avg": st["exp_avg"], f"{n}::exp_avg_sq": st["exp_avg_sq"]}))
+            out[f"{n}::step"] = st["step"].to(torch.int64)
+        return out
+
+    def exp_avg_sq(self) -> dict[str, torch.Tensor]:
+        return self._gathered({n: self.state[p]["exp_avg_sq"] for n, p in self.named if self.state[p]["step"] > 0})
+
+    def load_trainable_values(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore from GLOBAL [k] values (a checkpoint of a sharded or unsharded run): this rank's run."""
+        for n, p in self.named:
+            a, b = self.state[p]["span"]
+            v = tensors[n][a:b].to(device=self.state[p]["exp_avg"].device)
+            if "master" in self.state[p]:
+                self.state[p]["master"].copy_(v)
+            self._write(p, v)
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for n, p in self.named:
+            st = self.state[p]
+            a, b = st["span"]
+            st["exp_avg"].copy_(tensors[f"{n}::exp_avg"][a:b])
+            st["exp_avg_sq"].copy_(tensors[f"{n}::exp_avg_sq"][a:b])
+            st["step"] = torch.tensor(float(tensors[f"{n}::step"]))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise ConfigError("ShardedSparseAdamW restores from state_tensors/trainable_values (checkpoint.py), not a "
+                          "torch state_dict")
