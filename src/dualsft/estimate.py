@@ -17,6 +17,8 @@ What is counted (bytes; P parameters, k = --k-fraction·P selected entries, N = 
     sparse state         SparseAdamW: exp_avg 4 + exp_avg_sq 4 + accumulator 4 + int32 index 4
                          (+ float32 master 4 for bf16 weights) bytes × k, replicated (k is small)
     dense grad (sparse)  the largest tensor × weight bytes: the hook gathers then frees each dense grad
+    sparse FSDP2         weights ÷N + one gathered layer (2 × P/layers, forward and backward buffers),
+                         the reduce-scattered gradient shards (P/N × weight bytes), state for k/N entries
     AdamW state (dense)  full FT as implemented (torch AdamW on bf16 weights: grads + 2 moments in bf16,
                          6·P bytes), and the FSDP/ZeRO-3 plan (bf16 grads + fp32 master + 2 fp32 moments,
                          14·P bytes, ÷N, weights ÷N too)
@@ -174,6 +176,10 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
             "statistics_v_c_G_u": int(16 * P * share), "scoring_extras": int(12 * P * share), "activations": acts},
         "train sparse (SparseAdamW, k entries)": {
             "weights": wb * P, "sparse_state": sparse_per_entry * k, "dense_grad_transient": wb * m.largest_tensor,
+            "activations": acts_sdpa},
+        "train sparse (FSDP2, --sharding fsdp)": {
+            "weights": int(wb * P / N), "gathered_layer": 2 * wb * P // max(m.layers, 1),
+            "sparse_state": int(sparse_per_entry * k / N), "dense_grad_shard": int(wb * P / N),
             "activations": acts_sdpa},
         "train full (DDP as implemented)": {
             "weights": wb * P, "gradients": wb * P, "adam_moments": 2 * wb * P, "activations": acts_sdpa},

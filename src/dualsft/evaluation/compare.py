@@ -85,6 +85,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "normalized": {"target_gradient": "normalized"},
     "adam": {"precondition": "adam"},
     "adamstep": {"precondition": "adam-step"},
+    # every LESS ingredient that keeps φ_data linear in g_n: Adam-step scale, linear layers only, unit-normalised
+    # target gradients, cosine ranking (docs/method.md §4)
+    "lessform": {"precondition": "adam-step", "data_params": "linear", "data_score": "cosine",
+                 "target_gradient": "normalized"},
     "linear": {"data_params": "linear"},
 }
 
