@@ -131,3 +131,22 @@ def test_two_process_score_resumes_bitwise_after_sigkill(score_inputs, tmp_path)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     assert (clean / "scores" / "data_scores.jsonl").read_bytes() == (killed / "scores" / "data_scores.jsonl").read_bytes()
     assert not progress.exists()
+
+
+@pytest.mark.slow
+def test_fsdp_warmup_matches_one_process(score_inputs, tmp_path):
+    """--sharding fsdp (FSDP2, 2 ranks: θ and AdamW's moments sharded, gathered onto rank 0 to be written):
+    θw and c equal the unsharded single process (pool of 9: steps of 4, 4, 1, so one rank runs a padding
+    micro-batch), and the run folder is what `dualsft score` reads."""
+    d, one, two = score_inputs, tmp_path / "one", tmp_path / "two"
+    assert cli(_warmup_args(d, one)) == 0
+    run_torchrun(["-m", "dualsft", *_warmup_args(d, two), "--sharding", "fsdp"])
+    w1, w2 = one / "warmup", two / "warmup"
+    assert read_json(w2 / "summary.json")["steps"] == 3
+    warm = {"exp_avg_sq": tensors_rel_diff(w1 / "exp_avg_sq.safetensors", w2 / "exp_avg_sq.safetensors"),
+            "theta_w": tensors_rel_diff(w1 / "model" / "model.safetensors", w2 / "model" / "model.safetensors")}
+    print(json.dumps({"fsdp_warmup": warm}))
+    assert max(warm.values()) <= 1e-5, warm  # measured 1.1e-6 (θw) and 4.5e-7 (c)
+    for a, b in zip(read_json(w1 / "summary.json")["step_losses"], read_json(w2 / "summary.json")["step_losses"]):
+        assert abs(a - b) <= 1e-6 * abs(a)
+    assert cli(_score_args(d, two, "pool9", "--order", "2")) == 0  # θw and c of the sharded run score

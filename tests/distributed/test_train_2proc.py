@@ -107,6 +107,7 @@ def test_fsdp_sparse_training_matches_one_process(train_inputs, tmp_path):
     run_torchrun(["-m", "dualsft", *_args(d, two, "sparse"), "--sharding", "fsdp", "--keep-checkpoints"])
     assert read_json(two / "adapter.json")["result"]["world_size"] == 2
     rel = tensors_rel_diff(one / "delta.safetensors", two / "delta.safetensors")
+    print(json.dumps({"method": "sparse fsdp", "delta_max_rel_diff": rel}))
     assert rel <= 1e-5, rel
     # the checkpoint (gathered from both ranks' shards) holds what the unsharded run's holds
     assert tensors_rel_diff(one / "checkpoints" / "step-000006" / "state.safetensors",
@@ -124,3 +125,15 @@ def test_fsdp_sparse_training_matches_one_process(train_inputs, tmp_path):
     assert all(r["outside"] > 0 and r["changed_outside"] == 0 for r in ranks)
     # each rank keeps Adam moments for its own rows' selected entries only: together exactly k (2 × 4 bytes each)
     assert sum(r["moments"] for r in ranks) == 8 * ranks[0]["k"] and all(r["moments"] < 8 * r["k"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_fsdp_full_training_matches_one_process(train_inputs, tmp_path):
+    """--method full --sharding fsdp: AdamW over DTensor shards, the dense delta gathered onto rank 0."""
+    d = train_inputs
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli(_args(d, one, "full")) == 0
+    run_torchrun(["-m", "dualsft", *_args(d, two, "full"), "--sharding", "fsdp"])
+    rel = tensors_rel_diff(one / "delta.safetensors", two / "delta.safetensors")
+    print(json.dumps({"method": "full fsdp", "delta_max_rel_diff": rel}))
+    assert rel <= TRAIN_RTOL, rel

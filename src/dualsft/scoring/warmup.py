@@ -20,7 +20,8 @@ no gradient clipping, no autocast, torch's AdamW, and ``chained_epoch_order`` (o
 --seed drawing each epoch's permutation), keeping Adam's exp_avg_sq.
 Data parallel (``torchrun --nproc_per_node N -m dualsft warmup ...``): each step's examples are sharded
 across ranks, every rank divides by the GLOBAL step size, gradients are all-reduced before AdamW, so
-every rank holds the same θw; rank 0 writes.
+every rank holds the same θw; rank 0 writes. ``--sharding fsdp`` (FSDP2): θ, its gradients and AdamW's
+moments are sharded across ranks (c too); θw and c are gathered tensor by tensor onto rank 0 to be written.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -64,6 +65,9 @@ class WarmupConfig(CommonConfig):
     report_to: ReportTo = opt("none", REPORT_TO_HELP)
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
                                               "(non-reentrant): less activation memory, the same θw and c")
+    sharding: Literal["none", "fsdp"] = opt("none", "fsdp: shard θ and AdamW's moments (so c) across the torchrun "
+                                                  "processes with PyTorch FSDP2; θw and c are gathered tensor by "
+                                                  "tensor onto rank 0 to be written (docs/scaling.md §4b)")
     loss_chunk: int = opt(0, "LM head + cross-entropy on the response positions only, N at a time, recomputed "
                              "in the backward (no [batch, length, vocab] logits); 0 = full logits")
 
@@ -94,7 +98,7 @@ def warmup_settings(cfg: WarmupConfig, progress: bool = True) -> TrainSettings:
                          batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, lr_schedule="constant",
                          warmup_steps=0, max_grad_norm=0.0, seed=cfg.seed, checkpoint_every=0, autocast=False,
                          progress=progress, gradient_checkpointing=cfg.gradient_checkpointing,
-                         loss_chunk=cfg.loss_chunk)
+                         loss_chunk=cfg.loss_chunk, sharding=cfg.sharding)
 
 
 def warm_up(model: torch.nn.Module, toks: list[TokenizedExample], pad_token_id: int, cfg: WarmupConfig,
@@ -146,10 +150,13 @@ def main(cfg: WarmupConfig) -> int:
         reporter.close()
     step_losses = [m["loss"] for m in result.metrics]
     model_dir = Path(out) / "model"
-    if not ctx.is_main:  # every rank holds the same θw; rank 0 writes it
+    if not ctx.is_main:  # every rank holds the same θw (or, sharded, gave rank 0 its rows); rank 0 writes it
         dist.barrier()
         return 0
-    base.save_pretrained(str(model_dir), safe_serialization=True)
+    if result.values is not None:  # --sharding fsdp: θw was gathered tensor by tensor onto rank 0
+        base = save_gathered_model(cfg, result.values, model_dir)
+    else:
+        base.save_pretrained(str(model_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(model_dir))
     c = result.exp_avg_sq
     save_tensors(out / "exp_avg_sq.safetensors", c, metadata={"what": "raw Adam exp_avg_sq (no bias correction)"})
@@ -159,6 +166,18 @@ def main(cfg: WarmupConfig) -> int:
     log.info("wrote θw to %s and c (%d tensors) to %s", model_dir, len(c), out / "exp_avg_sq.safetensors")
     dist.barrier()
     return 0
+
+
+def save_gathered_model(cfg: WarmupConfig, values: dict[str, torch.Tensor], model_dir: Path) -> torch.nn.Module:
+    """Write θw from whole tensors gathered off FSDP shards (rank 0): a plain copy of the base model takes
+    the values and is saved as an HF folder; returns it (for the fingerprint)."""
+    model = load_model(cfg.model, cfg.dtype, "cpu", attn_implementation="sdpa")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in values.items():
+            params[n].copy_(v)
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    return model
 
 
 def warmup_state(run_dir: str) -> dict[str, Any] | None:

@@ -92,9 +92,10 @@ class TrainSettings:
                                          "about one more forward of compute, the same gradients"})
     sharding: Literal["none", "fsdp"] = field(default="none", metadata={"help": "fsdp: shard the weights across "
                                               "the torchrun processes with PyTorch FSDP2 (fully_shard per decoder "
-                                              "layer); each rank keeps optimizer state only for the mask's entries "
-                                              "in its own rows (--method sparse; docs/scaling.md §4b); none: every "
-                                              "rank holds the whole model (data parallel)"})
+                                              "layer); --method sparse keeps optimizer state only for the mask's "
+                                              "entries in the rank's own rows, --method full shards AdamW's moments "
+                                              "like the weights (docs/scaling.md §4b); none: every rank holds the "
+                                              "whole model (data parallel)"})
     loss_chunk: int = field(default=0, metadata={"help": "compute the LM head and cross-entropy on the response "
                             "positions only, N positions at a time, recomputing each chunk's logits in the "
                             "backward (never the [batch, length, vocab] logits); 0 = the full logits"})
@@ -113,8 +114,9 @@ class TrainResult:
         state_bytes: analytic optimizer memory by kind (bytes).
         exp_avg_sq: {name: Adam's raw second moment, float32, CPU} of every tensor the optimizer stepped
             (sparse: the [k_p] selected entries), when ``train_restricted(keep_exp_avg_sq=True)``; else None.
-        values: --sharding fsdp: {name: the trained [k_p] values of the whole mask} on every rank (the model
-            itself stays sharded, FSDP2 DTensor parameters); else None (read the model).
+        values: --sharding fsdp: the trained values (the model itself stays sharded, FSDP2 DTensor
+            parameters): sparse, {name: [k_p] of the whole mask} on every rank; full, {name: whole tensor}
+            on rank 0 ({} elsewhere); else None (read the model).
     """
 
     model: torch.nn.Module
@@ -207,9 +209,9 @@ def check_settings(settings: TrainSettings) -> None:
         raise ConfigError(f"--loss-chunk must be >= 0 (0 = full logits), got {settings.loss_chunk}")
     if settings.sharding not in ("none", "fsdp"):
         raise ConfigError(f"--sharding must be none or fsdp, got {settings.sharding!r}")
-    if settings.sharding == "fsdp" and settings.method != "sparse":
-        raise ConfigError(f"--sharding fsdp is implemented for --method sparse only, not {settings.method}; use "
-                          "--sharding none (data parallel) for it")
+    if settings.sharding == "fsdp" and settings.method not in ("sparse", "full"):
+        raise ConfigError(f"--sharding fsdp is implemented for --method sparse and full (and the warm-up), not "
+                          f"{settings.method}; use --sharding none (data parallel) for it")
     if settings.sharding == "fsdp" and settings.loss_chunk:
         raise ConfigError("--loss-chunk calls the decoder and the LM head apart, which FSDP's root gathering does "
                           "not see: use --loss-chunk 0 with --sharding fsdp")
@@ -243,6 +245,12 @@ def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
     else:
         for _, p in model.named_parameters():
             p.requires_grad_(True)
+        if settings.sharding == "fsdp":  # full fine-tuning / the warm-up on FSDP2 shards
+            from dualsft.training.sharded import ShardedDenseAdamW, shard_model
+
+            model = shard_model(model)
+            opt = ShardedDenseAdamW(model.named_parameters(), hp)
+            return model, opt, [n for n, _ in opt.named]
     opt = DenseAdamW(model.named_parameters(), hp, indices=mask if m == "dense-masked" else None)
     return model, opt, [n for n, _ in opt.named]
 
@@ -385,6 +393,7 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
     trained_set = set(trained)
     k = sum(v.numel() for v in mask.values()) if settings.method in ("sparse", "dense-masked") and mask else sum(
         p.numel() for name, p in model.named_parameters() if name in trained_set)
+    # (sharded: gathered tensor by tensor onto rank 0, {} on the other ranks)
     c = {name: v.detach().float().cpu() for name, v in updater.exp_avg_sq().items()} if keep_exp_avg_sq else None
     # sharded weights: the trained [k] values gathered from every rank (a collective), for the delta
     values = updater.trainable_values() if settings.sharding == "fsdp" else None

@@ -28,7 +28,7 @@ import torch
 
 from dualsft import distributed as dist
 from dualsft.errors import ConfigError
-from dualsft.training.optim import SparseAdamW, _state_dtype, clip_coefficient
+from dualsft.training.optim import DenseAdamW, SparseAdamW, _state_dtype, clip_coefficient
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -73,6 +73,19 @@ def local_span(index: torch.Tensor, shape: tuple[int, ...], rank: int, world: in
     start, end = local_rows(shape[0], rank, world)
     a, b = torch.searchsorted(index.long(), torch.tensor([start * cols, end * cols])).tolist()
     return int(a), int(b), start * cols
+
+
+def full_on_main(t: torch.Tensor) -> torch.Tensor | None:
+    """A sharded DTensor gathered whole (a collective: every rank calls it), kept on CPU on rank 0 only (None
+    elsewhere), so the ranks never all hold the model; a plain tensor is returned (on CPU) as is."""
+    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full.detach().cpu() if dist.is_main() else None
+
+
+def _rows_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a whole tensor, for a parameter ``like`` sharded on dim 0."""
+    start, end = local_rows(full.shape[0], dist.rank(), dist.world_size())
+    return full[start:end]
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -190,3 +203,62 @@ class ShardedSparseAdamW(SparseAdamW):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         raise ConfigError("ShardedSparseAdamW restores from state_tensors/trainable_values (checkpoint.py), not a "
                           "torch state_dict")
+
+
+class ShardedDenseAdamW(DenseAdamW):
+    """Full fine-tuning (and the warm-up) on FSDP2 shards: torch's AdamW steps the DTensor parameters, so
+    exp_avg and exp_avg_sq are sharded like the weights (each rank 1/N). Gradients arrive reduce-scattered
+    (summed); the norm for clipping is computed over the DTensors (a reduction across ranks). Whole tensors
+    (trained values, optimizer state, c) are gathered one at a time onto rank 0 (``full_on_main``)."""
+
+    def all_reduce_grads(self) -> None:
+        """FSDP's reduce-scatter already summed the gradients."""
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        with_grad = [p for _, p in self.named if p.grad is not None]
+        if not with_grad:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if torch.isfinite(norm) and max_norm is not None and max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
+        return float(norm)
+
+    def _gather_all(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {n: full_on_main(t) for n, t in tensors.items()}
+        return {n: t for n, t in out.items() if t is not None}
+
+    def trainable_values(self) -> dict[str, torch.Tensor]:
+        """{name: whole trained tensor} on rank 0 ({} elsewhere); a collective."""
+        return self._gather_all({n: p for n, p in self.named})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for n, p in self.named:
+            st = self.opt.state.get(p)
+            if st:
+                out.update(self._gather_all({f"{n}::exp_avg": st["exp_avg"], f"{n}::exp_avg_sq": st["exp_avg_sq"]}))
+                out[f"{n}::step"] = st["step"]
+        return out if dist.is_main() else {}
+
+    def exp_avg_sq(self) -> dict[str, torch.Tensor]:
+        """c gathered tensor by tensor onto rank 0 ({} elsewhere); a collective."""
+        return self._gather_all({n: self.opt.state[p]["exp_avg_sq"] for n, p in self.named if p in self.opt.state})
+
+    def load_trainable_values(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.named:
+                _local(p).copy_(_rows_of(tensors[n], p))
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import DTensor
+
+        for n, p in self.named:
+            if f"{n}::step" not in tensors:
+                continue
+            st = {"step": tensors[f"{n}::step"].clone()}
+            for k in ("exp_avg", "exp_avg_sq"):
+                local = _rows_of(tensors[f"{n}::{k}"], p).to(_local(p).device).clone()
+                st[k] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            self.opt.state[p] = st
