@@ -171,6 +171,9 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     return {
         "warmup (full AdamW, DDP as implemented)": {
             "weights": wb * P, "gradients": wb * P, "adam_moments": 2 * wb * P, "activations": acts_sdpa},
+        "warmup (FSDP2, --sharding fsdp)": {
+            "weights": int(wb * P / N), "gathered_layer": 2 * wb * P // max(m.layers, 1),
+            "gradients": int(wb * P / N), "adam_moments": int(2 * wb * P / N), "activations": acts_sdpa},
         "score (ghost/jvp rows, anchor pass)": {
             "weights": wb * P, "teacher_theta0": wb * P, "gradient_transient": wb * P,
             "statistics_v_c_G_u": int(16 * P * share), "scoring_extras": int(12 * P * share), "activations": acts},
