@@ -37,9 +37,12 @@ def explicit_l_prior(student, teacher, batches, tau: float, confidence: str, nor
     return total / z
 
 
+@pytest.mark.parametrize("loss_chunk", [0, 3])
 @pytest.mark.parametrize("normalisation", ["weighted_mean", "release"])
 @pytest.mark.parametrize("confidence", ["max_prob", "uniform", "entropy_inv"])
-def test_prior_gradient_matches_explicit_kl(tokenizer, confidence, normalisation):
+def test_prior_gradient_matches_explicit_kl(tokenizer, confidence, normalisation, loss_chunk):
+    """Full logits (loss_chunk 0) and the chunked anchor pass (heads, KL and confidence 3 positions at a
+    time, prior.chunked_kl_and_weights) both equal the token-by-token oracle."""
     # GPT-2: fully float64 (micro Llama's RMSNorm rounds through float32, which would cap this at ~1e-7)
     teacher = MODELS["gpt2"](tied=True, seed=0, dtype=torch.float64)
     student = MODELS["gpt2"](tied=True, seed=0, dtype=torch.float64)
@@ -48,7 +51,12 @@ def test_prior_gradient_matches_explicit_kl(tokenizer, confidence, normalisation
             p.add_(0.05 * torch.randn_like(p))
     bs = toy_batches(tokenizer, 5, 3)
     params = trainable_params(student)
-    got = prior_gradient(student, teacher, bs, params, 2.0, confidence, normalisation, acc_dtype=torch.float64)
+    rows: list[int] = []
+    hook = student.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2]))
+    got = prior_gradient(student, teacher, bs, params, 2.0, confidence, normalisation, acc_dtype=torch.float64,
+                         loss_chunk=loss_chunk)
+    hook.remove()
+    assert (max(rows) <= 3) == bool(loss_chunk)  # chunked: the student head never sees more than 3 positions
     ref = torch.autograd.grad(explicit_l_prior(student, teacher, bs, 2.0, confidence, normalisation),
                               list(params.values()))
     for (n, g), r in zip(got.items(), ref):

@@ -281,3 +281,32 @@ def test_adam_step_u_order2_identity():
     assert torch.allclose(u, p * (eta * v["w"] - 0.5 * eta**2 * c["w"] * p * G["w"]), rtol=1e-12, atol=0)
     surrogate = eta * (v["w"] * p * G["w"]).sum() - 0.5 * eta**2 * (c["w"] * (p * G["w"]) ** 2).sum()
     assert torch.allclose((u * G["w"]).sum(), surrogate, rtol=1e-12)
+
+
+def test_score_loss_chunk_gives_the_same_scores(micro_folder, tmp_path, monkeypatch):
+    """`dualsft score --loss-chunk 3` (the anchor pass without [B, T, V] logits) writes the scores of the
+    full-logits run: same v (with v_prior, λ_prior 1) and φ_data in float64 up to rounding."""
+    import shutil
+
+    from dualsft.cli import main as cli
+    from dualsft.io import load_tensors
+
+    assert cli(["warmup", "--model", str(micro_folder / "model"), "--pool", str(micro_folder / "pool.jsonl"),
+                "--run-dir", str(tmp_path / "w"), "--max-length", "64", "--dtype", "float64", "--warmup-ratio", "1",
+                "--lr", "1e-2", "--batch-size", "5", "--micro-batch-size", "5"]) == 0
+    for d in ("full", "chunk"):  # score at θw, so the anchor pass (KL to θ0) is not zero
+        shutil.copytree(tmp_path / "w" / "warmup", tmp_path / d / "warmup")
+    flags = ("--lambda-prior", "1", "--anchor-ratio", "0.5")
+    full, s_full = score_cli(micro_folder, tmp_path / "full", *flags)
+    from dualsft.scoring import prior
+
+    calls = []
+    real = prior.chunked_kl_and_weights
+    monkeypatch.setattr(prior, "chunked_kl_and_weights", lambda *a: calls.append(a[-1]) or real(*a))
+    chunked, _ = score_cli(micro_folder, tmp_path / "chunk", *flags, "--loss-chunk", "3")
+    assert calls and set(calls) == {3}  # the anchor pass really ran chunked
+    assert s_full["u_term_norms"]["eta_lambda_prior_v_prior"] > 0  # the anchor pass ran
+    assert rel_err(scores_of(chunked), scores_of(full)) <= 1e-10
+    v_full, v_chunk = (load_tensors(d / "scores" / "v.safetensors") for d in (tmp_path / "full", tmp_path / "chunk"))
+    for n, t in v_full.items():
+        assert torch.allclose(v_chunk[n], t, rtol=1e-10, atol=1e-14), n

@@ -18,9 +18,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dualsft.errors import ConfigError
-from dualsft.losses import IGNORE_INDEX
+from dualsft.losses import IGNORE_INDEX, causal_lm_parts, check_plain_head
 from dualsft.scoring.passes import BatchOut, Step, run_pass
 from dualsft.scoring.progress import PassCheckpoint
 from dualsft.scoring.stats import zeros_like_params
@@ -55,19 +56,32 @@ def example_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     return (kl * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
-def confidence_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
-    """w_i per anchor example from the τ-softened teacher distribution (see module docstring). -> [B]."""
+def token_confidence(teacher_logits: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
+    """The per-token statistic w_i averages: max_v p_t(v) ("max_prob") or H(p_t) ("entropy_inv"), p_t the
+    τ-softened teacher distribution; logits [..., V] -> [...]. ("uniform" needs none: ones.)"""
     if mode not in CONFIDENCE_MODES:
         raise ConfigError(f"--confidence must be one of {CONFIDENCE_MODES}, got {mode!r}")
-    mask = response_mask(labels).to(_float(teacher_logits).dtype)
-    denom = mask.sum(-1).clamp_min(1.0)
     if mode == "uniform":
-        return torch.ones_like(denom)
-    logp = F.log_softmax(_float(teacher_logits[:, :-1]) / tau, dim=-1)  # [B, T-1, V]
+        return torch.ones(teacher_logits.shape[:-1], dtype=_float(teacher_logits).dtype, device=teacher_logits.device)
+    logp = F.log_softmax(_float(teacher_logits) / tau, dim=-1)
     if mode == "max_prob":
-        return (logp.max(-1).values.exp() * mask).sum(-1) / denom
-    entropy = -(logp.exp() * logp).sum(-1)  # [B, T-1]
-    return 1.0 / (1.0 + (entropy * mask).sum(-1) / denom)
+        return logp.max(-1).values.exp()
+    return -(logp.exp() * logp).sum(-1)
+
+
+def weights_from_mean(mean_stat: torch.Tensor, mode: str) -> torch.Tensor:
+    """w_i from the mean over its response tokens of ``token_confidence``: the mean itself, 1/(1 + mean
+    entropy) ("entropy_inv"), or 1 ("uniform")."""
+    if mode == "entropy_inv":
+        return 1.0 / (1.0 + mean_stat)
+    return torch.ones_like(mean_stat) if mode == "uniform" else mean_stat
+
+
+def confidence_weights(teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
+    """w_i per anchor example from the τ-softened teacher distribution (see module docstring). -> [B]."""
+    mask = response_mask(labels).to(_float(teacher_logits).dtype)
+    stat = token_confidence(teacher_logits[:, :-1], tau, mode)  # [B, T-1]
+    return weights_from_mean((stat * mask).sum(-1) / mask.sum(-1).clamp_min(1.0), mode)
 
 
 def prior_normaliser(weight_sum: float, normalisation: str) -> float:
@@ -82,7 +96,7 @@ def prior_normaliser(weight_sum: float, normalisation: str) -> float:
 def prior_gradient(model: torch.nn.Module, base_model: torch.nn.Module, anchor_batches: Iterable[dict],
                    params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
                    normalisation: str = "weighted_mean", acc_dtype: torch.dtype = torch.float32,
-                   progress: object | None = None) -> dict[str, torch.Tensor]:
+                   progress: object | None = None, loss_chunk: int = 0) -> dict[str, torch.Tensor]:
     """v_prior = ∇_θ L_prior(θ) at the student ``model`` (θw) with teacher ``base_model`` (θ0).
 
     One teacher forward (no grad) and one student forward+backward per anchor batch. Accumulates
@@ -91,7 +105,7 @@ def prior_gradient(model: torch.nn.Module, base_model: torch.nn.Module, anchor_b
     """
     prior_normaliser(1.0, normalisation)  # validate the option before any compute
     acc, weight_sum = prior_gradient_sum(model, base_model, anchor_batches, params, tau, confidence, acc_dtype,
-                                         progress)
+                                         progress, loss_chunk=loss_chunk)
     return normalise_prior(acc, weight_sum, normalisation)
 
 
@@ -109,25 +123,74 @@ def prior_accumulators(params: Mapping[str, torch.nn.Parameter], acc_dtype: torc
     return {**zeros_like_params(params, acc_dtype), WEIGHT_SUM: torch.zeros((), dtype=torch.float64, device=device)}
 
 
+def chunked_kl_and_weights(model: torch.nn.Module, base_model: torch.nn.Module, batch: dict, tau: float,
+                           confidence: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL_i [B] with its graph to the student, w_i [B]) as ``example_kl`` and ``confidence_weights`` give
+    them, without any [B, T, V] logits: both models run to their last hidden states, the positions that
+    predict a response token are kept, and the two heads, the KL and the teacher's confidence run ``chunk``
+    positions at a time (the student's chunk under non-reentrant checkpointing: its logits are recomputed in
+    the backward). Same values up to float rounding (tests/scoring/test_scoring_prior.py)."""
+    check_plain_head(model)
+    check_plain_head(base_model)
+    (dec_s, head_s), (dec_t, head_t) = causal_lm_parts(model), causal_lm_parts(base_model)
+    device = next(model.parameters()).device
+    teacher_device = next(base_model.parameters()).device
+    ids, att, labels = (batch[k] for k in ("input_ids", "attention_mask", "labels"))
+    with torch.no_grad():
+        h_t = dec_t(input_ids=ids.to(teacher_device), attention_mask=att.to(teacher_device),
+                    use_cache=False).last_hidden_state
+    h_s = dec_s(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).last_hidden_state
+    mask = response_mask(labels.to(device))  # [B, T-1]
+    rows, cols = mask.nonzero(as_tuple=True)
+    hs, ht = h_s[:, :-1][rows, cols], h_t[:, :-1][rows.to(teacher_device), cols.to(teacher_device)]
+
+    def teacher_logits(i: int) -> torch.Tensor:
+        with torch.no_grad():
+            return head_t(ht[i:i + chunk]).to(device)
+
+    def chunk_kl(h: torch.Tensor, i: int) -> torch.Tensor:
+        return token_kl(head_s(h), teacher_logits(i), tau)
+
+    kl_parts, stat_parts = [], []
+    for i in range(0, len(rows), chunk):
+        kl_parts.append(checkpoint(chunk_kl, hs[i:i + chunk], i, use_reentrant=False))
+        stat_parts.append(token_confidence(teacher_logits(i), tau, confidence))
+    dtype = _float(h_s).dtype
+    count = mask.sum(-1).clamp_min(1).to(dtype)
+    kl = (h_s[:, 0, 0] * 0).to(dtype)  # [B] zeros that keep the graph when no position carries loss
+    stat = torch.zeros_like(count)
+    if kl_parts:
+        kl = kl.index_add(0, rows, torch.cat(kl_parts).to(dtype))
+        stat = stat.index_add(0, rows, torch.cat(stat_parts).to(dtype))
+    return kl / count, weights_from_mean(stat / count, confidence)
+
+
 def prior_step(model: torch.nn.Module, base_model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],
-               tau: float = 2.0, confidence: str = "max_prob") -> Step:
+               tau: float = 2.0, confidence: str = "max_prob", loss_chunk: int = 0) -> Step:
     """The per-batch function of an anchor pass: one teacher forward (θ0, no grad) and one student
-    forward+backward (θw); adds τ² Σ_{i∈B} w_i ∇KL_i per parameter and Σ_{i∈B} w_i."""
+    forward+backward (θw); adds τ² Σ_{i∈B} w_i ∇KL_i per parameter and Σ_{i∈B} w_i. ``loss_chunk`` > 0:
+    heads, KL and confidence that many positions at a time (``chunked_kl_and_weights``)."""
     if tau <= 0:
         raise ConfigError(f"--tau must be positive, got {tau}")
+    if confidence not in CONFIDENCE_MODES:
+        raise ConfigError(f"--confidence must be one of {CONFIDENCE_MODES}, got {confidence!r}")
     names, tensors = list(params), list(params.values())
     device = tensors[0].device
     teacher_device = next(base_model.parameters()).device
 
-    def step(batch: dict) -> BatchOut:
+    def full_logits(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids, att, labels = (batch[k] for k in ("input_ids", "attention_mask", "labels"))
         with torch.no_grad():
             t_logits = base_model(input_ids=ids.to(teacher_device), attention_mask=att.to(teacher_device),
                                   use_cache=False).logits.to(device)
         s_logits = model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).logits
         labels = labels.to(device)
-        w = confidence_weights(t_logits, labels, tau, confidence)  # [B], a constant of θ
-        kl = example_kl(s_logits, t_logits, labels, tau)  # [B]
+        return example_kl(s_logits, t_logits, labels, tau), confidence_weights(t_logits, labels, tau, confidence)
+
+    def step(batch: dict) -> BatchOut:
+        ids = batch["input_ids"]
+        kl, w = (chunked_kl_and_weights(model, base_model, batch, tau, confidence, loss_chunk) if loss_chunk > 0
+                 else full_logits(batch))  # [B] each; w is a constant of θ
         grads = torch.autograd.grad(tau**2 * (w * kl).sum(), tensors, allow_unused=True)
         sums = {n: g for n, g in zip(names, grads) if g is not None}
         return BatchOut(int(ids.shape[0]), sums={**sums, WEIGHT_SUM: w.sum().double()})
@@ -144,10 +207,11 @@ def prior_gradient_sum(model: torch.nn.Module, base_model: torch.nn.Module, anch
                        params: Mapping[str, torch.nn.Parameter], tau: float = 2.0, confidence: str = "max_prob",
                        acc_dtype: torch.dtype = torch.float32,
                        progress: object | None = None,
-                       checkpoint: PassCheckpoint | None = None) -> tuple[dict[str, torch.Tensor], float]:
+                       checkpoint: PassCheckpoint | None = None,
+                       loss_chunk: int = 0) -> tuple[dict[str, torch.Tensor], float]:
     """(τ² Σ_i w_i ∇KL_i per parameter, Σ_i w_i) over ``anchor_batches``, not yet divided by Z: sums over
     shards of the anchor set add up (data parallelism), the normalisation must see the global Σw.
     ``checkpoint`` (scoring/progress.py) resumes from / saves the partial sums every few batches."""
-    res = run_pass(anchor_batches, prior_step(model, base_model, params, tau, confidence),
+    res = run_pass(anchor_batches, prior_step(model, base_model, params, tau, confidence, loss_chunk),
                    prior_accumulators(params, acc_dtype), progress, checkpoint)
     return split_prior_sums(res.sums)

@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 HELP = "dual scores at θw: φ_param = u⊙G per parameter entry and φ_data = ⟨u, g_n⟩ per pool example"
 FILES = {"param_scores": "param_scores.safetensors", "data_scores": "data_scores.jsonl", "u": "u.safetensors",
          "v": "v.safetensors", "grad_sum": "grad_sum.safetensors", "summary": "summary.json"}
-RESULT_NEUTRAL = ("config.checkpoint_every",)  # options that never change the scores: a rerun may change them
+# options that never change the scores (loss_chunk: up to float rounding): a rerun may change them
+RESULT_NEUTRAL = ("config.checkpoint_every", "config.loss_chunk")
 ANCHOR_SEED_OFFSET = 1  # the anchor slice uses seed+1 so it differs from the warm-up slice of the same seed
 ROWS = ("scores", "losses")  # the per-example rows of a pool pass: φ_data[n] and l_n
 
@@ -119,7 +120,7 @@ def main(cfg: ScoreConfig) -> int:
     if anchors:  # v_prior = τ²Σw∇KL ÷ Z(global Σw)
         base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation="sdpa")
         prior_sums = run("anchor", [inp.pool[i] for i in anchors], prior_step(model, base, params, cfg.tau,
-                         cfg.confidence), prior_accumulators(params, acc_dtype)).sums
+                         cfg.confidence, cfg.loss_chunk), prior_accumulators(params, acc_dtype)).sums
         v_prior = normalise_prior(*split_prior_sums(prior_sums), cfg.prior_normalisation)
         del base
     for s in skipped:

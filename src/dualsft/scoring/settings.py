@@ -63,6 +63,9 @@ class ScoreConfig(CommonConfig):
         "all", "parameters φ_data sums over: all = every trainable one (the paper); linear = the transformer's "
         "linear layers only (no embeddings, tied or untied output head, norms), as LESS's features; φ_param "
         "keeps every parameter")
+    loss_chunk: int = opt(0, "anchor pass (v_prior) only: both LM heads, the KL and the teacher's confidence on the "
+                             "response positions only, N at a time, the student's recomputed in the backward (no "
+                             "[batch, length, vocab] logits); 0 = full logits. Same v_prior up to float rounding")
     checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
                                 "so a rerun resumes after a kill (0: off)")
 
@@ -75,6 +78,7 @@ class ScoreConfig(CommonConfig):
         require(self.lambda_prior >= 0, "lambda-prior", self.lambda_prior, "a weight is >= 0")
         require(0 <= self.anchor_ratio <= 1, "anchor-ratio", self.anchor_ratio, "a fraction of the pool in [0, 1]")
         require(self.batch_size >= 1, "batch-size", self.batch_size, "must be at least 1")
+        require(self.loss_chunk >= 0, "loss-chunk", self.loss_chunk, "positions per chunk, or 0 for full logits")
         require(self.score_tokens in ("response", "answer"), "score-tokens", self.score_tokens, "use response or answer")
         require(self.data_score in ("inner", "cosine"), "data-score", self.data_score, "use inner or cosine")
         require(self.target_gradient in ("mean", "normalized"), "target-gradient", self.target_gradient,

@@ -169,15 +169,19 @@ def main(cfg: WarmupConfig) -> int:
 
 
 def save_gathered_model(cfg: WarmupConfig, values: dict[str, torch.Tensor], model_dir: Path) -> torch.nn.Module:
-    """Write θw from whole tensors gathered off FSDP shards (rank 0): a plain copy of the base model takes
-    the values and is saved as an HF folder; returns it (for the fingerprint)."""
-    model = load_model(cfg.model, cfg.dtype, "cpu", attn_implementation="sdpa")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in values.items():
-            params[n].copy_(v)
-    model.save_pretrained(str(model_dir), safe_serialization=True)
-    return model
+    """Write θw from whole tensors gathered off FSDP shards (rank 0) as an HF folder: the base model's config
+    and the values as model.safetensors (named_parameters' names, tied weights once, as transformers saves
+    them); the values are released, and the folder is loaded back (returned, for the fingerprint), so at
+    most one whole copy of the weights exists at a time."""
+    from transformers import AutoConfig
+
+    from dualsft.models import resolve_model_path
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    AutoConfig.from_pretrained(resolve_model_path(cfg.model)).save_pretrained(str(model_dir))
+    save_tensors(model_dir / "model.safetensors", values, metadata={"format": "pt"})
+    values.clear()
+    return load_model(str(model_dir), cfg.dtype, "cpu", attn_implementation="sdpa")
 
 
 def warmup_state(run_dir: str) -> dict[str, Any] | None:

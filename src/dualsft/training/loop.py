@@ -54,8 +54,9 @@ EpochOrder = Callable[[int, int, int], list[int]]  # (N, seed, epoch) -> a permu
 DEFAULT_LR = {"sparse": 2e-5, "dense-masked": 2e-5, "full": 2e-5, "lora": 2e-4}
 # TrainSettings fields that never change the trained weights: a checkpoint or a stage folder made under other
 # values of these still resumes (stages ignore them as "config.<name>" in their metadata comparison); sharding
-# changes only where the values live (and the float summation order, as the world size does)
-NEUTRAL_SETTINGS = ("progress", "checkpoint_every", "gradient_checkpointing", "sharding")
+# and loss_chunk change only where values live or how the logits are cut (float summation order, as the world
+# size does)
+NEUTRAL_SETTINGS = ("progress", "checkpoint_every", "gradient_checkpointing", "sharding", "loss_chunk")
 
 
 @dataclass(frozen=True)
