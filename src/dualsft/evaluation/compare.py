@@ -89,6 +89,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # target gradients, cosine ranking (docs/method.md §4)
     "lessform": {"precondition": "adam-step", "data_params": "linear", "data_score": "cosine",
                  "target_gradient": "normalized"},
+    # ablations of lessform: without the Adam-step scale; only the two normalisations (every parameter, no scale)
+    "lessform-noadam": {"data_params": "linear", "data_score": "cosine", "target_gradient": "normalized"},
+    "cosnorm": {"data_score": "cosine", "target_gradient": "normalized"},
     "linear": {"data_params": "linear"},
 }
 
