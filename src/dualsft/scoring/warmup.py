@@ -44,6 +44,7 @@ from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, chained_epoch_order, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, RESULT_NEUTRAL, Reporter, ReportTo, make_reporter
+from dualsft.training.sharded import load_stage_model
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def main(cfg: WarmupConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)
     pool = load_split(cfg.pool, tokenizer, cfg, "pool")
     positions = sample_positions(len(pool), cfg.warmup_ratio, cfg.seed)
-    base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation="sdpa")
+    base = load_stage_model(cfg.model, cfg.dtype, cfg.device, "sdpa", cfg.sharding)
     meta = build_metadata("warmup", cfg, model_id=cfg.model, model_fingerprint=model_fingerprint(base),
                           data_files={"pool": cfg.pool})
     if ctx.is_main:  # one writer; the other ranks wait until the folder is ready

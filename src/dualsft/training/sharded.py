@@ -59,6 +59,19 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def load_stage_model(model: str | None, dtype: str, device: str, attn_implementation: str | None,
+                     sharding: str) -> torch.nn.Module:
+    """The stage's model: ``load_model`` on the rank's device, or under ``sharding`` "fsdp" on the CPU in the
+    dtype the rank's device would get ("auto": bf16 on CUDA): ``fully_shard`` then moves each module's
+    tensors to the mesh's device and keeps only this rank's shard, so no device holds the whole model."""
+    from dualsft.models import load_model, resolve_device, resolve_dtype
+
+    if sharding != "fsdp":
+        return load_model(model, dtype, dist.rank_device(device), attn_implementation=attn_implementation)
+    dt = resolve_dtype(dtype, resolve_device(dist.rank_device(device)))
+    return load_model(model, str(dt).replace("torch.", ""), "cpu", attn_implementation=attn_implementation)
+
+
 def local_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
     """[start, end) of dim 0 that ``rank`` holds under FSDP2's even sharding (torch.chunk: ⌈rows/N⌉ each)."""
     per = math.ceil(rows / world) if rows else 0

@@ -35,6 +35,7 @@ from dualsft.training.delta import DELTA_FILE, LORA_DIR, SparseDelta, delta_from
 from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, resolved_lr, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, ReportTo, make_reporter
 from dualsft.training.reporting import RESULT_NEUTRAL as REPORTING
+from dualsft.training.sharded import load_stage_model
 
 HELP = "fine-tune the base model on the selected subset, updating only the selected parameter entries"
 log = logging.getLogger(__name__)
@@ -175,14 +176,14 @@ def save_artifacts(out: Path, result: TrainResult, mask: dict[str, torch.Tensor]
 def main(cfg: TrainConfig) -> int:
     """Run the stage; returns 0 on success."""
     from dualsft.data.formats import load_examples, tokenize_examples
-    from dualsft.models import load_model, load_tokenizer, model_fingerprint
+    from dualsft.models import load_tokenizer, model_fingerprint
     from dualsft.selection.mask import check_mask_matches, compact_indices, load_mask
 
     ctx = dist.dist_context(cfg.device)
     data_path, mask_path, out = resolve_paths(cfg)
     reporter = make_reporter(cfg.report_to, out / "tensorboard")  # a missing tensorboard fails before any work
     rcfg = resolve_config(cfg, data_path, mask_path)
-    model = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation=cfg.attn_implementation)
+    model = load_stage_model(cfg.model, cfg.dtype, cfg.device, cfg.attn_implementation, cfg.sharding)
     tok = load_tokenizer(cfg.model)
     base = {"id": cfg.model, "fingerprint": model_fingerprint(model)}
     mask = None
