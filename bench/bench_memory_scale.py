@@ -13,10 +13,11 @@ batch ``--batch``. Each case runs the stage's own ``main`` (as the CLI does) in 
 fsdp``, warm-up and training only: scoring is not sharded). Each rank reports VmHWM (peak RSS) minus its VmRSS
 just before the stage starts (after importing torch and dualsft), so model loading, statistics, optimizer
 state and activations count, the interpreter does not. The estimate is `dualsft.estimate.stage_memory` for the
-same model, B, T, float32 weights and world size (its per-rank total for the matching stage). Ratios
-measured/estimated are printed; the estimate's activations are a rough formula, so read the ratio, not the
-bytes. The workers run with MALLOC_MMAP_THRESHOLD_=131072 (see run_case): glibc otherwise keeps freed large
-blocks, and FSDP's per-layer gather/free cycles then inflate RSS far beyond what is allocated.
+same model, B, T (the data's real padded length, below ``--seq-len``), float32 weights and world size (its
+per-rank total for the matching stage). Ratios measured/estimated are printed; the estimate's activations are
+a rough formula, so read the ratio, not the bytes. The workers run with MALLOC_MMAP_THRESHOLD_=131072 (see
+run_case): glibc otherwise keeps freed large blocks, and FSDP's per-layer gather/free cycles then inflate RSS
+far beyond what is allocated.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def prepare(work: Path, pool: int, seq_len: int, name: str) -> None:
     n = max(2, seq_len // 6)  # words each side: the chat template (a system prompt) takes ~30 tokens too
     rec = [{"instruction": text(n), "response": text(n)} for _ in range(pool)]
     write_jsonl(work / "pool.jsonl", rec)
+    from dualsft.data.formats import load_examples, tokenize_examples
+
+    toks = tokenize_examples(load_examples(work / "pool.jsonl"), load_tokenizer(model_path(work, name)), "chat", seq_len)
+    (work / "tokens.json").write_text(json.dumps({"padded_length": max(len(t.input_ids) for t in toks)}))
     write_jsonl(work / "target.jsonl", rec[: max(2, pool // 4)])
     model = load_model(model_path(work, name), "float32", "cpu")
     mask = {n: torch.randperm(p.numel(), generator=g)[: p.numel() // 10].sort().values.to(torch.int32)
@@ -187,8 +192,8 @@ def cases(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     return [c for c in CASES if c[0] in args.stages.split(",") and not (args.no_ddp2 and c[1:] == (2, "none"))]
 
 
-def estimates(args: argparse.Namespace) -> dict[tuple[str, int, str], float]:
-    """The estimate's per-rank total (MiB) for every case."""
+def estimates(args: argparse.Namespace, seq: int) -> dict[tuple[str, int, str], float]:
+    """The estimate's per-rank total (MiB) for every case, at the data's real padded length ``seq``."""
     from dualsft.estimate import EstimateConfig, load_config, model_dims, stage_memory
 
     name = "smollm2-135m" if args.model == "smollm2" else args.model
@@ -202,7 +207,7 @@ def estimates(args: argparse.Namespace) -> dict[tuple[str, int, str], float]:
     m = model_dims(config, name)
     out = {}
     for stage, world, sharding in cases(args):
-        cfg = EstimateConfig(model=name, world_size=world, batch_size=args.batch, seq_len=args.seq_len,
+        cfg = EstimateConfig(model=name, world_size=world, batch_size=args.batch, seq_len=seq,
                              weights_dtype="float32", k_fraction=0.1)
         out[stage, world, sharding] = sum(stage_memory(m, cfg)[ESTIMATE_ROW[stage, sharding]].values()) / 2**20
     return out
@@ -227,11 +232,12 @@ def main() -> int:
         worker(args)
         return 0
     t0 = time.time()
-    est = estimates(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="memscale") as tmp:
         work = Path(tmp)
         prepare(work, args.pool, args.seq_len, args.model)
+        seq = json.loads((work / "tokens.json").read_text())["padded_length"]  # T the batches really have
+        est = estimates(args, seq)
         for stage, world, sharding in cases(args):
             ranks = run_case(stage, world, sharding, work, args)
             measured = max((r["peak_kb"] - r["before_kb"]) / 1024 for r in ranks)
@@ -261,7 +267,7 @@ def main() -> int:
         print(f"| {r['stage']} | {r['world_size']} | {r['sharding']} | {r['measured_peak_mib']:.0f} | "
               f"{f'{lp:.0f}' if lp else '–'} | {r['estimate_mib']:.0f} | {r['measured_over_estimate']:.2f} | "
               f"{r.get('loop_over_estimate', '–')} | {r['vs_world1']:.2f} | {r.get('loop_vs_world1', '–')} |")
-    out = {"setup": {"model": args.model + " (float32, CPU)", "seq_len": args.seq_len, "batch": args.batch,
+    out = {"setup": {"model": args.model + " (float32, CPU)", "seq_len": args.seq_len, "padded_length": seq, "batch": args.batch,
                      "pool": args.pool, "threads_per_rank": 1, "cpu_count": os.cpu_count(),
                      "load_avg": os.getloadavg()}, "rows": rows, "wall_s": round(time.time() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
