@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_memory import _reset_peak as reset_peak  # the same /proc readings as bench_memory.py
+from bench_memory import _status_kb as status_kb
+
 # (stage, world size, sharding) -> the estimate's row
 CASES = [("warmup", 1, "none"), ("warmup", 2, "none"), ("warmup", 2, "fsdp"),
          ("score", 1, "none"), ("score", 2, "none"),
@@ -45,13 +48,6 @@ ESTIMATE_ROW = {("warmup", "none"): "warmup (full AdamW, DDP as implemented)",
                 ("score", "none"): "score (ghost/jvp rows, anchor pass)",
                 ("train", "none"): "train sparse (SparseAdamW, k entries)",
                 ("train", "fsdp"): "train sparse (FSDP2, --sharding fsdp)"}
-
-
-def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def model_path(work: Path, name: str) -> str:
@@ -151,9 +147,7 @@ def watch_training_loop() -> dict:
 
     def watched(*a, **kw):
         out["loop_entry_kb"] = status_kb("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
+        if not reset_peak():
             out["peak_reset"] = False
         result = inner(*a, **kw)
         out["loop_peak_kb"] = status_kb("VmHWM")

@@ -168,11 +168,12 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     k = int(cfg.k_fraction * P)
     sparse_per_entry = 16 + (4 if wb < 4 else 0)
     lora_params = 16 * m.linear_in_out  # r = 16
+    gathered = 2 * wb * P // max(m.layers, 1)  # FSDP: one layer gathered (forward and backward buffers)
     return {
         "warmup (full AdamW, DDP as implemented)": {
             "weights": wb * P, "gradients": wb * P, "adam_moments": 2 * wb * P, "activations": acts_sdpa},
         "warmup (FSDP2, --sharding fsdp)": {
-            "weights": int(wb * P / N), "gathered_layer": 2 * wb * P // max(m.layers, 1),
+            "weights": int(wb * P / N), "gathered_layer": gathered,
             "gradients": int(wb * P / N), "adam_moments": int(2 * wb * P / N), "activations": acts_sdpa},
         "score (ghost/jvp rows, anchor pass)": {
             "weights": wb * P, "teacher_theta0": wb * P, "gradient_transient": wb * P,
@@ -181,14 +182,14 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
             "weights": wb * P, "sparse_state": sparse_per_entry * k, "dense_grad_transient": wb * m.largest_tensor,
             "activations": acts_sdpa},
         "train sparse (FSDP2, --sharding fsdp)": {
-            "weights": int(wb * P / N), "gathered_layer": 2 * wb * P // max(m.layers, 1),
+            "weights": int(wb * P / N), "gathered_layer": gathered,
             "sparse_state": int(sparse_per_entry * k / N), "dense_grad_shard": int(wb * P / N),
             "activations": acts_sdpa},
         "train full (DDP as implemented)": {
             "weights": wb * P, "gradients": wb * P, "adam_moments": 2 * wb * P, "activations": acts_sdpa},
         "train full (FSDP full-shard, fp32 master; plan)": {
             "weights": int(wb * P / N), "gradients": int(wb * P / N), "master_and_moments": int(12 * P / N),
-            "gathered_layer": 2 * wb * P // max(m.layers, 1), "activations": acts_sdpa},
+            "gathered_layer": gathered, "activations": acts_sdpa},
         "train lora (r=16)": {
             "weights": wb * P, "adapters_grads_moments": 16 * lora_params, "activations": acts_sdpa},
     }

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dualsft.errors import ConfigError
+from dualsft.models import base_lm
 
 IGNORE_INDEX = -100
 
@@ -62,7 +63,7 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
     """(decoder, LM head) of a transformers causal LM, or of a peft model around one: the decoder maps
     input ids to the last hidden states [B, T, H]; the head maps hidden states to logits. Raises ConfigError
     for a model without that split (no ``base_model`` distinct from the model, or no output embeddings)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+    lm = base_lm(model)
     decoder = getattr(lm, "base_model", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if decoder is None or decoder is lm or head is None:
@@ -85,6 +86,26 @@ def check_plain_head(model: torch.nn.Module) -> None:
                               f"(config.{name} = {value}); use --loss-chunk 0")
 
 
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask [B, T-1], rows [K], cols [K]): the positions t whose next token is a response label, after the
+    causal shift, and their (example, position) coordinates in row-major order."""
+    mask = labels[:, 1:].ne(IGNORE_INDEX)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return mask, rows, cols
+
+
+def per_example_mean(parts: list[torch.Tensor], rows: torch.Tensor, mask: torch.Tensor,
+                     hidden: torch.Tensor) -> torch.Tensor:
+    """[B] mean over each example's response positions of per-position values (``parts``: chunks of [K] in
+    ``rows`` order), in at least float32. Starts from zeros derived from ``hidden`` [B, T, H] so the result
+    keeps its graph (a detached ``hidden`` gives a constant) even when no position carries a value."""
+    dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+    total = (hidden[:, 0, 0] * 0).to(dtype)
+    if parts:
+        total = total.index_add(0, rows, torch.cat(parts).to(dtype))
+    return total / mask.sum(-1).clamp_min(1).to(dtype)
+
+
 def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL [K] of ``targets`` [K] under head(hidden) for hidden [K, H] (softmax in at least float32)."""
     logits = head(hidden)
@@ -98,7 +119,7 @@ def chunked_per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tens
     predict a response token only (K of them), then the LM head and cross-entropy ``chunk`` positions at a
     time, each chunk under non-reentrant activation checkpointing (its [chunk, V] logits are recomputed in
     the backward, never kept). Peak logits memory: one chunk's instead of B·T·V. Same losses and gradients
-    up to float rounding (tests/test_losses.py). Returns [B], as ``per_example_loss``.
+    up to float rounding (tests/training/test_chunked_loss.py). Returns [B], as ``per_example_loss``.
 
     Args:
         model: a causal LM with ``causal_lm_parts`` (checked by ``check_plain_head``).
@@ -111,17 +132,11 @@ def chunked_per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tens
     decoder, head = causal_lm_parts(model)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      use_cache=False).last_hidden_state  # [B, T, H]
-    labels = batch["labels"][:, 1:]
-    mask = labels.ne(IGNORE_INDEX)  # [B, T-1]: position t predicts token t+1
-    rows, cols = mask.nonzero(as_tuple=True)
-    picked, targets = hidden[:, :-1][rows, cols], labels[rows, cols]  # [K, H], [K]
+    mask, rows, cols = response_positions(batch["labels"])
+    picked, targets = hidden[:, :-1][rows, cols], batch["labels"][:, 1:][rows, cols]  # [K, H], [K]
     parts = [checkpoint(_chunk_nll, head, picked[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
              for i in range(0, len(targets), chunk)]
-    dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
-    total = (hidden[:, 0, 0] * 0).to(dtype)  # [B] zeros that keep the graph when no position carries loss
-    if parts:
-        total = total.index_add(0, rows, torch.cat(parts).to(dtype))
-    return total / mask.sum(-1).clamp_min(1).to(dtype)
+    return per_example_mean(parts, rows, mask, hidden)
 
 
 def training_loss(chunk: int):

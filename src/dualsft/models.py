@@ -147,6 +147,11 @@ def load_model(
     return m.to(dev).eval()
 
 
+def base_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model itself: the one a peft model wraps, or ``model`` when it is not a peft model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Inside the block, ``model`` (a transformers model, or a peft model around one) recomputes each decoder
@@ -160,7 +165,7 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
     if not enabled:
         yield
         return
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+    inner = base_lm(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--gradient-checkpointing: {type(inner).__name__} does not support gradient "
                           "checkpointing in transformers; drop the flag")

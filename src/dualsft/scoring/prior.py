@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dualsft.errors import ConfigError
-from dualsft.losses import IGNORE_INDEX, causal_lm_parts, check_plain_head
+from dualsft.losses import IGNORE_INDEX, causal_lm_parts, check_plain_head, per_example_mean, response_positions
 from dualsft.scoring.passes import BatchOut, Step, run_pass
 from dualsft.scoring.progress import PassCheckpoint
 from dualsft.scoring.stats import zeros_like_params
@@ -140,8 +140,7 @@ def chunked_kl_and_weights(model: torch.nn.Module, base_model: torch.nn.Module, 
         h_t = dec_t(input_ids=ids.to(teacher_device), attention_mask=att.to(teacher_device),
                     use_cache=False).last_hidden_state
     h_s = dec_s(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).last_hidden_state
-    mask = response_mask(labels.to(device))  # [B, T-1]
-    rows, cols = mask.nonzero(as_tuple=True)
+    mask, rows, cols = response_positions(labels.to(device))
     hs, ht = h_s[:, :-1][rows, cols], h_t[:, :-1][rows.to(teacher_device), cols.to(teacher_device)]
 
     def teacher_logits(i: int) -> torch.Tensor:
@@ -155,14 +154,9 @@ def chunked_kl_and_weights(model: torch.nn.Module, base_model: torch.nn.Module, 
     for i in range(0, len(rows), chunk):
         kl_parts.append(checkpoint(chunk_kl, hs[i:i + chunk], i, use_reentrant=False))
         stat_parts.append(token_confidence(teacher_logits(i), tau, confidence))
-    dtype = _float(h_s).dtype
-    count = mask.sum(-1).clamp_min(1).to(dtype)
-    kl = (h_s[:, 0, 0] * 0).to(dtype)  # [B] zeros that keep the graph when no position carries loss
-    stat = torch.zeros_like(count)
-    if kl_parts:
-        kl = kl.index_add(0, rows, torch.cat(kl_parts).to(dtype))
-        stat = stat.index_add(0, rows, torch.cat(stat_parts).to(dtype))
-    return kl / count, weights_from_mean(stat / count, confidence)
+    kl = per_example_mean(kl_parts, rows, mask, h_s)  # keeps the graph to the student
+    stat = per_example_mean(stat_parts, rows, mask, h_s.detach())  # a constant of θ
+    return kl, weights_from_mean(stat, confidence)
 
 
 def prior_step(model: torch.nn.Module, base_model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],

@@ -27,10 +27,13 @@ LATEST = "latest.json"
 
 def save_checkpoint(folder: Path, updater: Any, state: dict, settings: dict) -> Path:
     """Write the model's trained values, optimizer state, RNG states and loop state for ``state["step"]``.
-    Every rank calls it (a sharded optimizer gathers its values and state from all ranks); rank 0 writes."""
+    Every rank calls it; rank 0 writes. The other ranks return at once unless the updater gathers its values
+    and state from all ranks (``gathers_across_ranks``: training/sharded.py), which they must join."""
     from dualsft.distributed import is_main
 
     step_dir = folder / f"step-{state['step']:06d}"
+    if not is_main() and not getattr(updater, "gathers_across_ranks", False):
+        return step_dir
     tensors = {f"param::{k}": v for k, v in updater.trainable_values().items()}
     tensors.update({f"opt::{k}": v for k, v in updater.state_tensors().items()})
     if not is_main():

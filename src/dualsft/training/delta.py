@@ -71,20 +71,21 @@ def extract_delta(model: torch.nn.Module, indices: dict[str, torch.Tensor] | Non
     names = sorted(indices) if indices is not None else sorted(trainable or [])
     shapes = {n: tuple(params[n].shape) for n in names}
     if indices is None:
-        return SparseDelta({n: None for n in names}, {n: params[n].detach().cpu().clone() for n in names}, shapes,
-                           base_model, base_fingerprint)
+        return delta_from_values({n: params[n].detach() for n in names}, None, shapes, base_model, base_fingerprint)
     idx = {n: compact_indices(indices[n], params[n].numel()) for n in names}
-    vals = {n: params[n].detach().reshape(-1).index_select(0, idx[n]).cpu().clone() for n in names}
+    vals = {n: params[n].detach().reshape(-1).index_select(0, idx[n]) for n in names}
     return delta_from_values(vals, idx, shapes, base_model, base_fingerprint)
 
 
-def delta_from_values(values: dict[str, torch.Tensor], indices: dict[str, torch.Tensor],
+def delta_from_values(values: dict[str, torch.Tensor], indices: dict[str, torch.Tensor] | None,
                       shapes: dict[str, tuple[int, ...]], base_model: str = "", base_fingerprint: str = "") -> SparseDelta:
-    """A sparse delta from trained [k] values already read out (e.g. gathered from FSDP shards,
-    ``TrainResult.values``), with the mask's sorted flat ``indices`` and the full ``shapes``."""
-    idx = {n: compact_indices(indices[n], math.prod(shapes[n])) for n in sorted(values)}
-    return SparseDelta(idx, {n: values[n].detach().cpu().clone() for n in sorted(values)},
-                       {n: tuple(shapes[n]) for n in sorted(values)}, base_model, base_fingerprint)
+    """A delta from trained values already read out (``extract_delta``, or gathered from FSDP shards:
+    ``TrainResult.values``): [k] values at the mask's sorted flat ``indices``, or whole tensors (``indices``
+    None: dense entries), with the full ``shapes``. Names are those of ``values``, in sorted order."""
+    names = sorted(values)
+    idx = {n: None if indices is None else compact_indices(indices[n], math.prod(shapes[n])) for n in names}
+    return SparseDelta(idx, {n: values[n].detach().cpu().clone() for n in names},
+                       {n: tuple(shapes[n]) for n in names}, base_model, base_fingerprint)
 
 
 def save_delta(path: str | os.PathLike, delta: SparseDelta) -> None:

@@ -173,24 +173,45 @@ class SparseAdamW(torch.optim.Optimizer):
         for name, p in selected:
             self._init_param(name, p, self._indices[name])
 
+    # Where the entries live. Subclasses (training/sharded.py: FSDP2 shards) override these four:
+    _hooked = True  # fold each gradient in a post-accumulate-grad hook (else from p.grad before the step)
+
+    def _storage(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor whose flat view the [k] indices address (the parameter itself, or its gradient)."""
+        return t
+
+    def _local_index(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The mask's sorted flat indices of ``p`` as this optimizer addresses ``_storage(p)``."""
+        # int32 indices halve the index memory; index_select / index_put_ accept them.
+        return idx.to(device=p.device, dtype=torch.int32 if p.numel() < 2**31 else torch.int64)  # [k]
+
+    def _collect(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-name [k] vectors as saved (a sharded optimizer gathers every rank's part)."""
+        return tensors
+
+    def _mine(self, p: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+        """The part of a saved [k] vector of ``p`` this optimizer holds."""
+        return saved
+
     def _init_param(self, name: str, p: torch.nn.Parameter, idx: torch.Tensor) -> None:
-        if not p.is_contiguous():
+        storage = self._storage(p)
+        if not storage.is_contiguous():
             raise ArtifactError(f"parameter {name!r} is not contiguous; sparse training needs flat views")
         p.requires_grad_(True)
         sd = _state_dtype(p)
-        # int32 indices halve the index memory; index_select / index_put_ accept them.
-        index = idx.to(device=p.device, dtype=torch.int32 if p.numel() < 2**31 else torch.int64)  # [k]
+        index = self._local_index(p, idx)
         k = index.numel()
         st = self.state[p]
         st["step"] = torch.tensor(0.0)
         st["index"] = index
-        st["exp_avg"] = torch.zeros(k, dtype=sd, device=p.device)
-        st["exp_avg_sq"] = torch.zeros(k, dtype=sd, device=p.device)
+        st["exp_avg"] = torch.zeros(k, dtype=sd, device=storage.device)
+        st["exp_avg_sq"] = torch.zeros(k, dtype=sd, device=storage.device)
         if p.dtype != sd:  # a master copy only where the weight itself cannot hold float32 precision
-            st["master"] = p.detach().view(-1).index_select(0, index).to(sd)
-        self._acc[p] = torch.zeros(k, dtype=sd, device=p.device)
+            st["master"] = storage.detach().view(-1).index_select(0, index).to(sd)
+        self._acc[p] = torch.zeros(k, dtype=sd, device=storage.device)
         self._has_grad[p] = False
-        self._handles.append(p.register_post_accumulate_grad_hook(self._gather))
+        if self._hooked:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._gather))
 
     @property
     def named(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -199,19 +220,20 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _gather(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook: fold the finished dense grad into [k] and free it."""
-        self._acc[p].add_(p.grad.view(-1).index_select(0, self.state[p]["index"]).to(self._acc[p].dtype))
+        grad = self._storage(p.grad).reshape(-1)
+        self._acc[p].add_(grad.index_select(0, self.state[p]["index"]).to(self._acc[p].dtype))
         self._has_grad[p] = True
         p.grad = None
 
     def _values(self, p: torch.Tensor) -> torch.Tensor:
         """[k] current values at full state precision (a fresh tensor for float32/64 weights)."""
         st = self.state[p]
-        return st["master"] if "master" in st else p.detach().view(-1).index_select(0, st["index"])
+        return st["master"] if "master" in st else self._storage(p).detach().view(-1).index_select(0, st["index"])
 
     def _write(self, p: torch.Tensor, vals: torch.Tensor) -> None:
         """Write [k] values into the selected entries only (the rest stays bit-identical)."""
         with torch.no_grad():
-            p.view(-1).index_put_((self.state[p]["index"],), vals.to(p.dtype))
+            self._storage(p).view(-1).index_put_((self.state[p]["index"],), vals.to(p.dtype))
 
     def _gather_leftover_grads(self) -> None:
         """Dense gradients that bypassed the hook (hooks removed, or ``p.grad`` set by hand)."""
@@ -303,34 +325,32 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Optimizer state for a checkpoint: per name exp_avg, exp_avg_sq [k], step (int64 scalar)."""
-        out = {}
+        out = self._collect({f"{n}::{key}": self.state[p][key] for n, p in self.named
+                             for key in ("exp_avg", "exp_avg_sq")})
         for n, p in self.named:
-            st = self.state[p]
-            out[f"{n}::exp_avg"] = st["exp_avg"]
-            out[f"{n}::exp_avg_sq"] = st["exp_avg_sq"]
-            out[f"{n}::step"] = st["step"].to(torch.int64)
+            out[f"{n}::step"] = self.state[p]["step"].to(torch.int64)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_tensors`` saved (bit-exact)."""
         for n, p in self.named:
             st = self.state[p]
-            st["exp_avg"].copy_(tensors[f"{n}::exp_avg"])
-            st["exp_avg_sq"].copy_(tensors[f"{n}::exp_avg_sq"])
+            st["exp_avg"].copy_(self._mine(p, tensors[f"{n}::exp_avg"]))
+            st["exp_avg_sq"].copy_(self._mine(p, tensors[f"{n}::exp_avg_sq"]))
             st["step"] = torch.tensor(float(tensors[f"{n}::step"]))
 
     def exp_avg_sq(self) -> dict[str, torch.Tensor]:
         """{name: [k_p] raw second moments of the selected entries} of every tensor stepped at least once."""
-        return {n: self.state[p]["exp_avg_sq"] for n, p in self.named if self.state[p]["step"] > 0}
+        return self._collect({n: self.state[p]["exp_avg_sq"] for n, p in self.named if self.state[p]["step"] > 0})
 
     def trainable_values(self) -> dict[str, torch.Tensor]:
         """{name: [k] current values} (masters where present, so resuming keeps full precision)."""
-        return {n: self._values(p).clone() for n, p in self.named}
+        return self._collect({n: self._values(p).clone() for n, p in self.named})
 
     def load_trainable_values(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore trained values into the selected entries (and the masters)."""
         for n, p in self.named:
-            v = tensors[n].to(device=p.device)
+            v = self._mine(p, tensors[n]).to(device=self.state[p]["exp_avg"].device)
             if "master" in self.state[p]:
                 self.state[p]["master"].copy_(v)
             self._write(p, v)
@@ -390,6 +410,7 @@ class DenseAdamW:
             self._mask_grads()
         with_grad = [p for _, p in self.named if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad]) if with_grad else torch.zeros(())
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 DTensor grads: one number
         if torch.isfinite(norm) and max_norm is not None and max_norm > 0:  # split to check the norm first
             torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)  # takes params, reads .grad
         return float(norm)

@@ -28,12 +28,14 @@ import torch
 
 from dualsft import distributed as dist
 from dualsft.errors import ConfigError
-from dualsft.training.optim import DenseAdamW, SparseAdamW, _state_dtype, clip_coefficient
+from dualsft.training.optim import DenseAdamW, SparseAdamW, clip_coefficient
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a transformers causal LM (``base_model.layers`` or GPT-2's ``.h``)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from dualsft.models import base_lm
+
+    lm = base_lm(model)
     inner = getattr(lm, "base_model", lm)
     for name in ("layers", "h", "blocks"):
         blocks = getattr(inner, name, None)
@@ -95,8 +97,8 @@ def full_on_main(t: torch.Tensor) -> torch.Tensor | None:
     return full.detach().cpu() if dist.is_main() else None
 
 
-def _rows_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a whole tensor, for a parameter ``like`` sharded on dim 0."""
+def _rows_of(full: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a whole tensor (as FSDP2 shards a parameter on dim 0)."""
     start, end = local_rows(full.shape[0], dist.rank(), dist.world_size())
     return full[start:end]
 
@@ -109,42 +111,29 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 class ShardedSparseAdamW(SparseAdamW):
     """``SparseAdamW`` over FSDP2 shards: state only for the selected entries in this rank's rows (module
     docstring). Gradients arrive in ``p.grad`` (FSDP's reduce-scatter, already summed over ranks) and are
-    folded into [k_r] before clipping and the step, so ``all_reduce_grads`` has nothing left to do."""
+    folded into [k_r] before clipping and the step, so ``all_reduce_grads`` has nothing left to do.
+    Overrides only where the entries live (``_storage``, ``_local_index``, ``_collect``, ``_mine``), the
+    cross-rank bits of clipping and the gradient flags."""
 
-    def _init_param(self, name: str, p: torch.nn.Parameter, idx: torch.Tensor) -> None:
+    _hooked = False  # FSDP assigns the sharded gradient itself: no post-accumulate-grad hook fires
+    gathers_across_ranks = True  # trainable_values / state_tensors are collectives (checkpoint.save_checkpoint)
+
+    def _storage(self, t: torch.Tensor) -> torch.Tensor:
+        return _local(t)
+
+    def _local_index(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         a, b, offset = local_span(idx, tuple(p.shape), dist.rank(), dist.world_size())
-        local = _local(p)
-        if local.numel() and local.view(-1).shape[0] != local.numel():
-            raise ConfigError(f"--sharding fsdp: the shard of {name!r} is not contiguous")
-        p.requires_grad_(True)
-        sd = _state_dtype(p)
-        index = (idx[a:b].long() - offset).to(device=local.device, dtype=torch.int64)
-        k = index.numel()
-        st = self.state[p]
-        st["step"] = torch.tensor(0.0)
-        st["index"] = index
-        st["span"] = (a, b)
-        st["exp_avg"] = torch.zeros(k, dtype=sd, device=local.device)
-        st["exp_avg_sq"] = torch.zeros(k, dtype=sd, device=local.device)
-        if p.dtype != sd:
-            st["master"] = local.detach().reshape(-1).index_select(0, index).to(sd)
-        self._acc[p] = torch.zeros(k, dtype=sd, device=local.device)
-        self._has_grad[p] = False  # no hook: FSDP assigns the sharded gradient itself
+        self.state[p]["span"] = (a, b)
+        return (idx[a:b].long() - offset).to(device=_local(p).device, dtype=torch.int64)
 
-    def _gather(self, p: torch.Tensor) -> None:
-        """Fold this rank's rows of the reduce-scattered gradient into [k_r] and free it."""
-        g = _local(p.grad)
-        self._acc[p].add_(g.reshape(-1).index_select(0, self.state[p]["index"]).to(self._acc[p].dtype))
-        self._has_grad[p] = True
-        p.grad = None
+    def _collect(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: [k]} from every rank's {name: [k_r]} (rank order = flat order). A collective: every rank
+        calls it (checkpoints, the delta, c)."""
+        return {n: dist.all_gather_concat(v.detach().cpu()) for n, v in tensors.items()}
 
-    def _values(self, p: torch.Tensor) -> torch.Tensor:
-        st = self.state[p]
-        return st["master"] if "master" in st else _local(p).detach().reshape(-1).index_select(0, st["index"])
-
-    def _write(self, p: torch.Tensor, vals: torch.Tensor) -> None:
-        with torch.no_grad():
-            _local(p).view(-1).index_put_((self.state[p]["index"],), vals.to(p.dtype))
+    def _mine(self, p: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+        a, b = self.state[p]["span"]
+        return saved[a:b]
 
     def all_reduce_grads(self) -> None:
         """FSDP's reduce-scatter already summed the gradients; only agree on which tensors got one."""
@@ -176,43 +165,6 @@ class ShardedSparseAdamW(SparseAdamW):
                 a.mul_(coef)
         return float(norm)
 
-    def _gathered(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{name: [k]} from every rank's {name: [k_r]} (rank order = flat order). A collective."""
-        return {n: dist.all_gather_concat(v.detach().cpu()) for n, v in local.items()}
-
-    def trainable_values(self) -> dict[str, torch.Tensor]:
-        """{name: [k] current values of the WHOLE mask} (a collective: every rank calls it)."""
-        return self._gathered({n: self._values(p).clone() for n, p in self.named})
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """As SparseAdamW's, gathered over ranks (a collective); a checkpoint an unsharded run can load."""
-        out: dict[str, torch.Tensor] = {}
-        for n, p in self.named:
-            st = self.state[p]
-            out.update(self._gathered({f"{n}::exp_avg": st["exp_avg"], f"{n}::exp_avg_sq": st["exp_avg_sq"]}))
-            out[f"{n}::step"] = st["step"].to(torch.int64)
-        return out
-
-    def exp_avg_sq(self) -> dict[str, torch.Tensor]:
-        return self._gathered({n: self.state[p]["exp_avg_sq"] for n, p in self.named if self.state[p]["step"] > 0})
-
-    def load_trainable_values(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore from GLOBAL [k] values (a checkpoint of a sharded or unsharded run): this rank's run."""
-        for n, p in self.named:
-            a, b = self.state[p]["span"]
-            v = tensors[n][a:b].to(device=self.state[p]["exp_avg"].device)
-            if "master" in self.state[p]:
-                self.state[p]["master"].copy_(v)
-            self._write(p, v)
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for n, p in self.named:
-            st = self.state[p]
-            a, b = st["span"]
-            st["exp_avg"].copy_(tensors[f"{n}::exp_avg"][a:b])
-            st["exp_avg_sq"].copy_(tensors[f"{n}::exp_avg_sq"][a:b])
-            st["step"] = torch.tensor(float(tensors[f"{n}::step"]))
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         raise ConfigError("ShardedSparseAdamW restores from state_tensors/trainable_values (checkpoint.py), not a "
                           "torch state_dict")
@@ -221,22 +173,13 @@ class ShardedSparseAdamW(SparseAdamW):
 class ShardedDenseAdamW(DenseAdamW):
     """Full fine-tuning (and the warm-up) on FSDP2 shards: torch's AdamW steps the DTensor parameters, so
     exp_avg and exp_avg_sq are sharded like the weights (each rank 1/N). Gradients arrive reduce-scattered
-    (summed); the norm for clipping is computed over the DTensors (a reduction across ranks). Whole tensors
+    (summed); DenseAdamW's clipping norm over DTensor gradients is already a reduction across ranks. Whole tensors
     (trained values, optimizer state, c) are gathered one at a time onto rank 0 (``full_on_main``)."""
+
+    gathers_across_ranks = True  # trainable_values / state_tensors are collectives (checkpoint.save_checkpoint)
 
     def all_reduce_grads(self) -> None:
         """FSDP's reduce-scatter already summed the gradients."""
-
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float | None) -> float:
-        with_grad = [p for _, p in self.named if p.grad is not None]
-        if not with_grad:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        if torch.isfinite(norm) and max_norm is not None and max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
-        return float(norm)
 
     def _gather_all(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {n: full_on_main(t) for n, t in tensors.items()}
@@ -262,7 +205,7 @@ class ShardedDenseAdamW(DenseAdamW):
     def load_trainable_values(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p in self.named:
-                _local(p).copy_(_rows_of(tensors[n], p))
+                _local(p).copy_(_rows_of(tensors[n]))
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         from torch.distributed.tensor import DTensor
@@ -272,6 +215,6 @@ class ShardedDenseAdamW(DenseAdamW):
                 continue
             st = {"step": tensors[f"{n}::step"].clone()}
             for k in ("exp_avg", "exp_avg_sq"):
-                local = _rows_of(tensors[f"{n}::{k}"], p).to(_local(p).device).clone()
+                local = _rows_of(tensors[f"{n}::{k}"]).to(_local(p).device).clone()
                 st[k] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             self.opt.state[p] = st

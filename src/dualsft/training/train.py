@@ -31,7 +31,7 @@ from dualsft.errors import ArtifactError
 from dualsft.io import read_json, write_json, write_jsonl
 from dualsft.runs import build_metadata, portable_config, prepare_stage_dir
 from dualsft.training.checkpoint import clear_checkpoints
-from dualsft.training.delta import DELTA_FILE, LORA_DIR, SparseDelta, delta_from_values, extract_delta, save_delta
+from dualsft.training.delta import DELTA_FILE, LORA_DIR, delta_from_values, extract_delta, save_delta
 from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, resolved_lr, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, ReportTo, make_reporter
 from dualsft.training.reporting import RESULT_NEUTRAL as REPORTING
@@ -151,11 +151,8 @@ def save_artifacts(out: Path, result: TrainResult, mask: dict[str, torch.Tensor]
     else:
         if result.values is not None:  # --sharding fsdp: the model is sharded; its trained values were gathered
             shapes = {n: tuple(p.shape) for n, p in result.model.named_parameters()}
-            if result.method == "full":
-                delta = SparseDelta({n: None for n in sorted(result.values)}, dict(sorted(result.values.items())),
-                                    {n: shapes[n] for n in result.values}, base["id"], base["fingerprint"])
-            else:
-                delta = delta_from_values(result.values, mask, shapes, base["id"], base["fingerprint"])
+            delta = delta_from_values(result.values, mask if result.method == "sparse" else None, shapes,
+                                      base["id"], base["fingerprint"])
         else:
             delta = extract_delta(result.model, mask if result.method in ("sparse", "dense-masked") else None,
                                   result.trainable, base["id"], base["fingerprint"])
