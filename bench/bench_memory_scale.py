@@ -10,7 +10,7 @@ parameters (``--model llama-0.5b``: RANDOM_LLAMA with SmolLM2's tokenizer and vo
 first) in float32 on CPU, synthetic records of about ``--seq-len`` tokens (random text: no download), micro-
 batch ``--batch``. Each case runs the stage's own ``main`` (as the CLI does) in fresh processes: world size 1
 (plain python), and 2 under torchrun (gloo), data parallel (``--sharding none``) and FSDP2 (``--sharding
-fsdp``, warm-up and training only: scoring is not sharded). Each rank reports VmHWM (peak RSS) minus its VmRSS
+fsdp``: weights, teacher and every statistic sharded). Each rank reports VmHWM (peak RSS) minus its VmRSS
 just before the stage starts (after importing torch and dualsft), so model loading, statistics, optimizer
 state and activations count, the interpreter does not. The estimate is `dualsft.estimate.stage_memory` for the
 same model, B, T (the data's real padded length, below ``--seq-len``), float32 weights and world size (its
@@ -37,7 +37,7 @@ from bench_memory import _status_kb as status_kb
 
 # (stage, world size, sharding) -> the estimate's row
 CASES = [("warmup", 1, "none"), ("warmup", 2, "none"), ("warmup", 2, "fsdp"),
-         ("score", 1, "none"), ("score", 2, "none"),
+         ("score", 1, "none"), ("score", 2, "none"), ("score", 2, "fsdp"),
          ("train", 1, "none"), ("train", 2, "none"), ("train", 2, "fsdp")]
 # a Llama-style config of 0.48B parameters (random weights: memory, not quality, is measured)
 RANDOM_LLAMA = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 1536, "intermediate_size": 4096,
@@ -46,6 +46,7 @@ RANDOM_LLAMA = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 1536,
 ESTIMATE_ROW = {("warmup", "none"): "warmup (full AdamW, DDP as implemented)",
                 ("warmup", "fsdp"): "warmup (FSDP2, --sharding fsdp)",
                 ("score", "none"): "score (ghost/jvp rows, anchor pass)",
+                ("score", "fsdp"): "score (FSDP2, --sharding fsdp)",
                 ("train", "none"): "train sparse (SparseAdamW, k entries)",
                 ("train", "fsdp"): "train sparse (FSDP2, --sharding fsdp)"}
 
@@ -108,7 +109,7 @@ def stage_config(stage: str, work: Path, run: Path, args: argparse.Namespace, sh
                                                 sharding=sharding, overwrite=True)
     if stage == "score":
         return score.main, score.ScoreConfig(**common, pool=str(work / "pool.jsonl"), target=str(work / "target.jsonl"),
-                                             batch_size=args.batch, order=2, overwrite=True)
+                                             batch_size=args.batch, order=2, sharding=sharding, overwrite=True)
     return train.main, train.TrainConfig(**common, train_file=str(work / "pool.jsonl"), data="all",
                                          mask=str(work / "mask.safetensors"), method="sparse", epochs=1,
                                          batch_size=args.batch * 2, micro_batch_size=args.batch, lr=1e-5,

@@ -218,6 +218,25 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of each number across ranks (float64 on the wire); unchanged in a single process."""
+    if world_size() <= 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2-sharded DTensor (its storage: writes reach the tensor); a plain tensor as is."""
+    return t._local_tensor if is_sharded(t) else t  # DTensor keeps its shard there
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or gradient under ``--sharding fsdp``)."""
+    return hasattr(t, "_local_tensor")
+
+
 def check_same(values: list[float], what: str) -> None:
     """Raise ConfigError unless every rank passes the same numbers (e.g. a mask's k and index checksum):
     data parallelism is only correct when the ranks agree on what they train. No-op in one process."""

@@ -17,6 +17,9 @@ What is counted (bytes; P parameters, k = --k-fraction·P selected entries, N = 
     sparse state         SparseAdamW: exp_avg 4 + exp_avg_sq 4 + accumulator 4 + int32 index 4
                          (+ float32 master 4 for bf16 weights) bytes × k, replicated (k is small)
     dense grad (sparse)  the largest tensor × weight bytes: the hook gathers then frees each dense grad
+    score FSDP2          weights, teacher, gradient shards ÷N; statistics and extras ÷N (every rank holds its rows
+                         of v, c, G, u, φ_param); one gathered layer WITH its u (2 × 2 × P/layers × weight
+                         bytes) and the root unit (embeddings, head; kept whole through the step) with its u
     sparse FSDP2         weights ÷N + one gathered layer (2 × P/layers, forward and backward buffers),
                          the reduce-scattered gradient shards (P/N × weight bytes), state for k/N entries
     AdamW state (dense)  full FT as implemented (torch AdamW on bf16 weights: grads + 2 moments in bf16,
@@ -106,6 +109,7 @@ class ModelDims:
     kv_dim: int
     vocab: int
     linear_in_out: int  # Σ (in + out) over the linear layers of the blocks (LoRA's r·(in+out))
+    outside_layers: int = 0  # entries outside the decoder layers (embeddings, final norm, head): FSDP's root unit
 
 
 def load_config(model: str) -> Any:
@@ -142,7 +146,8 @@ def model_dims(config: Any, name: str) -> ModelDims:
                      largest_tensor=max(p.numel() for p in params.values()), layers=int(config.num_hidden_layers),
                      hidden=int(config.hidden_size), intermediate=int(config.intermediate_size), heads=heads,
                      kv_dim=int(getattr(config, "num_key_value_heads", heads)) * head_dim,
-                     vocab=int(config.vocab_size), linear_in_out=sum(m.in_features + m.out_features for m in linear))
+                     vocab=int(config.vocab_size), linear_in_out=sum(m.in_features + m.out_features for m in linear),
+                     outside_layers=sum(p.numel() for n, p in params.items() if ".layers." not in n and ".h." not in n))
 
 
 def activation_bytes(m: ModelDims, batch: int, seq: int, act_bytes: int, eager: bool,
@@ -163,6 +168,7 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     wb, P, N = DTYPE_BYTES[cfg.weights_dtype], m.params, cfg.world_size
     share = {"replicated": 1.0, "sharded": 1.0 / N, "offload": 0.0}[cfg.stats]
     acts = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, cfg.attention == "eager")
+    acts_score = acts
     acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False, cfg.gradient_checkpointing,
                                  cfg.loss_chunk)
     k = int(cfg.k_fraction * P)
@@ -178,6 +184,10 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
         "score (ghost/jvp rows, anchor pass)": {
             "weights": wb * P, "teacher_theta0": wb * P, "gradient_transient": wb * P,
             "statistics_v_c_G_u": int(16 * P * share), "scoring_extras": int(12 * P * share), "activations": acts},
+        "score (FSDP2, --sharding fsdp)": {
+            "weights": int(wb * P / N), "teacher_theta0": int(wb * P / N), "gradient_shards": int(wb * P / N),
+            "gathered_layer_and_u": 2 * gathered, "root_unit_and_u": 2 * wb * m.outside_layers,
+            "statistics_v_c_G_u": int(16 * P / N), "scoring_extras": int(12 * P / N), "activations": acts_score},
         "train sparse (SparseAdamW, k entries)": {
             "weights": wb * P, "sparse_state": sparse_per_entry * k, "dense_grad_transient": wb * m.largest_tensor,
             "activations": acts_sdpa},

@@ -20,6 +20,7 @@ from dualsft.testing import byte_tokenizer, micro_llama, toy_records
 # The shards change only the order of float32 additions (and the padding of each batch), so:
 SCORE_RTOL = 1e-5  # max|a − b| / max|a| over every tensor of G, v, u, φ_param, and over φ_data and the losses
 WARMUP_RTOL = 1e-4  # θw − θ0 and exp_avg_sq after AdamW steps (AdamW magnifies rounding where |g| ~ ε)
+FSDP_SCORE_RTOL = 1e-5  # issue 14's bound for --sharding fsdp; measured 1.1e-6 (u, adam-step), φ_data 9e-8
 
 
 @pytest.fixture(scope="module")
@@ -149,4 +150,41 @@ def test_fsdp_warmup_matches_one_process(score_inputs, tmp_path):
     assert max(warm.values()) <= 1e-5, warm  # measured 1.1e-6 (θw) and 4.5e-7 (c)
     for a, b in zip(read_json(w1 / "summary.json")["step_losses"], read_json(w2 / "summary.json")["step_losses"]):
         assert abs(a - b) <= 1e-6 * abs(a)
-    assert cli(_score_args(d, two, "pool9", "--order", "2")) == 0  # θw and c of the sharded run score
+    # --sharding fsdp scoring from that θw and c, against one unsharded process: order 2 with the anchor pass
+    # (teacher sharded too), and every variant that adds a pass or a per-example norm (lessform's settings)
+    variant = ("--order", "2", "--precondition", "adam-step", "--data-params", "linear", "--data-score", "cosine",
+               "--target-gradient", "normalized")
+    three = tmp_path / "three"
+    copy_stage(two, three, "warmup")
+    assert cli(_score_args(d, two, "pool9", *variant)) == 0  # θw and c of the sharded run score
+    run_torchrun(["-m", "dualsft", *_score_args(d, three, "pool9", *variant, "--sharding", "fsdp")])
+    summary = read_json(three / "scores" / "summary.json")
+    assert summary["sharding"] == "fsdp" and summary["world_size"] == 2
+    assert summary["passes"] == ["target_norms", "target", "anchor", "pool_G", "pool_rows"]
+    diffs = _compare_scores(two, three)
+    diffs["grad_norm"] = rows_rel_diff(two / "scores" / "data_scores.jsonl", three / "scores" / "data_scores.jsonl",
+                                       "grad_norm")
+    print(json.dumps({"fsdp_score": diffs}))
+    assert max(diffs.values()) <= FSDP_SCORE_RTOL, diffs
+    assert abs(summary["sum_param_rows"] - read_json(two / "scores" / "summary.json")["sum_param_rows"]) <= \
+        1e-5 * abs(summary["sum_param_rows"])
+
+
+@pytest.mark.slow
+def test_fsdp_order1_score_matches_one_process(score_inputs, tmp_path):
+    """--sharding fsdp, first order at θ0 over EVERY parameter (the tied embedding / LM head's u lives in the
+    root unit, read by both modules): G, u, φ_param, φ_data and ‖g_n‖ equal one unsharded process. Pool of 9
+    in batches of 2: rank 0 runs 3 batches, rank 1 two and a filler, so the filler path is exercised."""
+    d, one, two = score_inputs, tmp_path / "one", tmp_path / "two"
+    args = ("--order", "1", "--data-score", "cosine")
+    assert cli(_score_args(d, one, "pool9", *args)) == 0
+    run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool9", *args, "--sharding", "fsdp")])
+    summary = read_json(two / "scores" / "summary.json")
+    assert summary["passes"] == ["target", "pool"] and summary["coverage"] == \
+        read_json(one / "scores" / "summary.json")["coverage"]  # the u slots are not model parameters
+    diffs = _compare_scores(one, two)
+    diffs["grad_norm"] = rows_rel_diff(one / "scores" / "data_scores.jsonl", two / "scores" / "data_scores.jsonl",
+                                       "grad_norm")
+    print(json.dumps({"fsdp_order1": diffs}))
+    assert max(diffs.values()) <= FSDP_SCORE_RTOL, diffs
+    assert abs(summary["sum_data"] - summary["uTG"]) <= 1e-5 * abs(summary["uTG"])  # row–column identity

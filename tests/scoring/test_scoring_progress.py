@@ -63,3 +63,28 @@ def test_progress_off_or_for_another_pass_is_not_resumed(tmp_path):
     assert PassCheckpoint(tmp_path, "pool_G", 1, 3).load()[0] == 2
     assert PassCheckpoint(tmp_path, "pool_G", 0, 3).load() == (0, {})  # --checkpoint-every 0: off
     assert PassCheckpoint(tmp_path, "pool_G", 1, 4).load() == (0, {})  # other batches: start over
+
+
+def test_sharded_ranks_that_saved_after_different_batches_start_over(tmp_path, monkeypatch):
+    """--sharding fsdp: the ranks' progress files are rows of ONE sum, so they must resume from the same batch.
+    When a kill fell between two ranks' saves (here: this rank saved after 2 batches, the other after 3), every
+    rank starts the pass over instead of mixing states; agreeing ranks resume."""
+    from dualsft.scoring import progress
+
+    state = {"sum.G": torch.arange(6.0)}
+    PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).save(2, state)
+    other_rank_done = 3.0
+    monkeypatch.setattr(progress.dist, "all_reduce_max",
+                        lambda v: [max(v[0], other_rank_done if v[0] >= 0 else -other_rank_done)])
+    assert PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).load() == (0, {})
+    other_rank_done = 2.0
+    done, saved = PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).load()
+    assert done == 2 and torch.equal(saved["sum.G"], state["sum.G"])
+
+
+def test_progress_of_another_layout_is_ignored(tmp_path):
+    """A data-parallel (replicated) progress file never resumes a sharded pass, nor the reverse: their tensors
+    hold different things (whole sums vs one rank's rows)."""
+    PassCheckpoint(tmp_path, "pool", 1, 5).save(2, {"sum.G": torch.ones(3)})
+    assert PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).load() == (0, {})
+    assert PassCheckpoint(tmp_path, "pool", 1, 5).load()[0] == 2

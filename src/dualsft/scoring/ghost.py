@@ -120,30 +120,34 @@ class GhostScorer:
                  norms: bool = False):
         self.model = model
         self.weight_grads = weight_grads
-        by_id = {id(p): n for n, p in model.named_parameters()}
         self.compute_dtype = _compute_dtype(next(model.parameters()).dtype)
-        # direction per parameter, in the compute dtype, on the parameter's device; keyed by tensor id
-        self.u_by_id: dict[int, torch.Tensor] = {}
-        for n, p in model.named_parameters():
-            if n in u:
-                self.u_by_id[id(p)] = u[n].to(device=p.device, dtype=self.compute_dtype)
+        names = {id(p): n for n, p in model.named_parameters()}  # tied weights: their first name
+        # a plain dict: cast once to the compute dtype on the parameter's device. Any other Mapping is read at
+        # hook time (FSDP2: a layer's u is whole only while the layer is gathered, scoring/sharded.py)
+        self.u: Mapping[str, torch.Tensor] = u
+        if isinstance(u, dict):
+            params = dict(model.named_parameters())
+            self.u = {n: t.to(device=params[n].device, dtype=self.compute_dtype) for n, t in u.items() if n in params}
         # ``norms``: also ‖g_n‖² over EVERY trainable parameter (norms.py), whether u covers it or not
-        self.tapped_ids = set(self.u_by_id) | ({id(p) for p in model.parameters() if p.requires_grad} if norms else set())
+        self.tapped = {n for n in names.values() if n in self.u} | (
+            {names[id(p)] for p in model.parameters() if p.requires_grad} if norms else set())
+        # (id(module), "weight" | "bias") -> parameter name: keys that survive FSDP2 swapping the tensors
+        self.param_name: dict[tuple[int, str], str] = {}
         self.modules: list[tuple[str, torch.nn.Module, str]] = []
-        uses: dict[int, int] = {}
+        uses: dict[str, int] = {}
         for mname, mod in model.named_modules():
-            own = [p for p in mod.parameters(recurse=False) if id(p) in self.tapped_ids]
+            own = {a: names[id(p)] for a, p in mod.named_parameters(recurse=False) if names[id(p)] in self.tapped}
             if not own:
                 continue
             kind = module_kind(mod)
             if kind == "other":
-                names = [by_id[id(p)] for p in own]
                 raise ConfigError(f"--method ghost has no rule for module {mname!r} ({type(mod).__name__}) that owns "
-                                  f"{names}; use --method jvp (exact for every parameter type)")
+                                  f"{list(own.values())}; use --method jvp (exact for every parameter type)")
             self.modules.append((mname, mod, kind))
-            for p in own:
-                uses[id(p)] = uses.get(id(p), 0) + 1
-        missing = [by_id[i] for i in self.tapped_ids if i not in uses]
+            for a, n in own.items():
+                self.param_name[(id(mod), a)] = n
+                uses[n] = uses.get(n, 0) + 1
+        missing = sorted(self.tapped - set(uses))
         if missing:
             raise ConfigError(f"--method ghost found no module owning {missing[:3]}; use --method jvp")
         self.norms = SquaredNorms(uses) if norms else None
@@ -183,23 +187,28 @@ class GhostScorer:
         return Tap(module, on_grad, normalise if kind == "affine_norm" else None)
 
     def _accumulate(self, mod: torch.nn.Module, kind: str, x: torch.Tensor, e: torch.Tensor) -> None:
-        """Add ⟨U, g_n(module)⟩ for every example n of the batch to self.scores."""
+        """Add ⟨U, g_n(module)⟩ for every example n of the batch to self.scores (and g_n's factors to the norms)."""
         e = e.to(self.compute_dtype)
         B = e.shape[0]
         total = torch.zeros(B, dtype=torch.float64, device=e.device)
-        W = self.u_by_id.get(id(mod.weight)) if getattr(mod, "weight", None) is not None else None
-        b = getattr(mod, "bias", None)
-        Ub = self.u_by_id.get(id(b)) if isinstance(b, torch.Tensor) else None
+        w_name, b_name = self.param_name.get((id(mod), "weight")), self.param_name.get((id(mod), "bias"))
+        W, Ub = self._direction(w_name), self._direction(b_name)
         if W is not None:
             total += _weight_term(kind, mod, W, x, e).double()
         if Ub is not None:
             total += (e.reshape(B, -1, e.shape[-1]).sum(1) @ Ub).double()
         self.scores += total
         if self.norms is not None:
-            if id(mod.weight) in self.tapped_ids:
-                self.norms.add(mod.weight, weight_factor(kind, mod, x, e))
-            if isinstance(b, torch.Tensor) and id(b) in self.tapped_ids:
-                self.norms.add(b, bias_factor(e))
+            if w_name is not None:
+                self.norms.add(w_name, weight_factor(kind, mod, x, e))
+            if b_name is not None:
+                self.norms.add(b_name, bias_factor(e))
+
+    def _direction(self, name: str | None) -> torch.Tensor | None:
+        """U for the named parameter in the compute dtype (None: no direction there)."""
+        if name is None or name not in self.u:
+            return None
+        return self.u[name].to(self.compute_dtype)
 
 
 @contextlib.contextmanager

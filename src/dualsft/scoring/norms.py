@@ -68,28 +68,28 @@ def bias_factor(e: torch.Tensor) -> Factor:
 
 
 class SquaredNorms:
-    """Accumulates ‖g_n‖² (float64, [B]) over the parameters of ``uses`` ({id(param): number of modules
+    """Accumulates ‖g_n‖² (float64, [B]) over the parameters of ``uses`` ({parameter name: number of modules
     using it}) for the current batch; ``add`` each captured factor, ``finish`` after the backward."""
 
-    def __init__(self, uses: dict[int, int]):
+    def __init__(self, uses: dict[str, int]):
         self.uses = uses
         self.sq: torch.Tensor | None = None
-        self.pending: dict[int, list[Factor]] = {}
+        self.pending: dict[str, list[Factor]] = {}
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         self.sq = torch.zeros(batch_size, dtype=torch.float64, device=device)
         self.pending = {}
 
-    def add(self, param: torch.Tensor, factor: Factor) -> None:
-        """One use's per-example gradient of ``param``; a shared parameter waits for its other uses."""
+    def add(self, name: str, factor: Factor) -> None:
+        """One use's per-example gradient of parameter ``name``; a shared parameter waits for its other uses."""
         assert self.sq is not None, "call reset first"
-        if self.uses.get(id(param), 1) == 1:
+        if self.uses.get(name, 1) == 1:
             self.sq += inner(factor, factor)
             return
-        uses = self.pending.setdefault(id(param), [])
+        uses = self.pending.setdefault(name, [])
         uses.append(factor)
-        if len(uses) == self.uses[id(param)]:
-            self._flush(id(param))
+        if len(uses) == self.uses[name]:
+            self._flush(name)
 
     def finish(self) -> torch.Tensor:
         """‖g_n‖² [B] once the backward is done (uses that never got a gradient add nothing)."""
@@ -98,7 +98,7 @@ class SquaredNorms:
         assert self.sq is not None
         return self.sq
 
-    def _flush(self, key: int) -> None:
+    def _flush(self, key: str) -> None:
         fs = self.pending.pop(key)
         for i, f in enumerate(fs):  # ‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩
             self.sq += inner(f, f)

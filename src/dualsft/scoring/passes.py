@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dualsft import distributed as dist
 from dualsft.data.formats import TokenizedExample, batches
+from dualsft.losses import IGNORE_INDEX
 from dualsft.scoring.progress import PassCheckpoint
 
 log = logging.getLogger(__name__)
@@ -85,20 +86,55 @@ def pass_state(sums: dict[str, torch.Tensor], rows: dict[str, list[torch.Tensor]
 
 def sharded_pass(name: str, examples: Sequence[TokenizedExample], step: Step, sums: dict[str, torch.Tensor],
                  batch_size: int, pad_id: int, timings: dict[str, dict[str, float]],
-                 progress_dir: Path | None = None, every: int = 0, row_names: Sequence[str] = ()) -> PassResult:
+                 progress_dir: Path | None = None, every: int = 0, row_names: Sequence[str] = (),
+                 presummed: Collection[str] = ()) -> PassResult:
     """``run_pass`` over this rank's shard of ``examples`` (length-sorted batches); sums all-reduced across
     ranks; the ``row_names`` rows gathered into the order of ``examples`` (every example's, on every rank).
-    Wall time and examples/s go to ``timings[name]``; the progress file is progress_dir/<name>."""
+    Wall time and examples/s go to ``timings[name]``; the progress file is progress_dir/<name>.
+
+    ``presummed``: the sums that arrive already summed over ranks, as this rank's rows (FSDP2-sharded
+    parameters' gradients, ``--sharding fsdp``). They are not all-reduced, and since FSDP's collectives run
+    inside every forward and backward, every rank runs the same number of batches: a rank with fewer pads
+    with ``filler_batch``es, whose step keeps only those sums (its own contribution is exactly zero)."""
     t0 = time.perf_counter()
     mine, _ = dist.local_items(list(examples))
     shard_batches = batches(mine, batch_size, pad_id, sort_by_length=True)  # less padding; indices travel along
-    ckpt = None if progress_dir is None else PassCheckpoint(progress_dir, name, every, len(shard_batches))
+    if presummed:
+        longest = int(dist.all_reduce_max([float(len(shard_batches))])[0])
+        shard_batches += [filler_batch(examples, batch_size, pad_id)] * (longest - len(shard_batches))
+    ckpt = (None if progress_dir is None else
+            PassCheckpoint(progress_dir, name, every, len(shard_batches), aligned=bool(presummed)))
     with tqdm(total=len(mine), unit="ex", desc=name, disable=not dist.is_main()) as bar:
-        res = run_pass(shard_batches, _with_index(step), sums, progress=bar, checkpoint=ckpt)
-    dist.all_reduce_dict_(res.sums)
+        res = run_pass(shard_batches, _skip_filler(_with_index(step), presummed), sums, progress=bar, checkpoint=ckpt)
+    local = {n: t for n, t in res.sums.items() if n not in presummed}
+    res.sums.update(dist.all_reduce_dict_(local))
     res.rows = gather_in_order(res.rows, examples, row_names)
     record_time(timings, name, len(examples), time.perf_counter() - t0)
     return res
+
+
+FILLER = "filler"  # marks a batch that only keeps a sharded rank in step with the others
+
+
+def filler_batch(examples: Sequence[TokenizedExample], batch_size: int, pad_id: int) -> Batch:
+    """A batch of real examples with NO response token (labels all ignored): every loss is 0, so its
+    gradient adds exactly nothing, while the forward and backward run FSDP's collectives like any batch."""
+    batch = dict(batches(list(examples[:batch_size]), batch_size, pad_id)[0])
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    batch[FILLER] = torch.ones(())
+    return batch
+
+
+def _skip_filler(step: Step, presummed: Collection[str]) -> Step:
+    """``step`` whose filler batches count no example, give no row and keep only the ``presummed`` sums
+    (those hold the OTHER ranks' contributions, reduce-scattered to this rank's rows)."""
+    def run(batch: Batch) -> BatchOut:
+        out = step(batch)
+        if FILLER not in batch:
+            return out
+        return BatchOut(0, sums={n: t for n, t in out.sums.items() if n in presummed})
+
+    return run
 
 
 def _with_index(step: Step) -> Step:

@@ -24,7 +24,7 @@ from dualsft.errors import ConfigError
 from dualsft.losses import IGNORE_INDEX, causal_lm_parts, check_plain_head, per_example_mean, response_positions
 from dualsft.scoring.passes import BatchOut, Step, run_pass
 from dualsft.scoring.progress import PassCheckpoint
-from dualsft.scoring.stats import zeros_like_params
+from dualsft.scoring.stats import param_grads, zeros_like_params
 
 CONFIDENCE_MODES = ("max_prob", "uniform", "entropy_inv")
 NORMALISATIONS = ("weighted_mean", "release")
@@ -168,8 +168,7 @@ def prior_step(model: torch.nn.Module, base_model: torch.nn.Module, params: Mapp
         raise ConfigError(f"--tau must be positive, got {tau}")
     if confidence not in CONFIDENCE_MODES:
         raise ConfigError(f"--confidence must be one of {CONFIDENCE_MODES}, got {confidence!r}")
-    names, tensors = list(params), list(params.values())
-    device = tensors[0].device
+    device = next(iter(params.values())).device
     teacher_device = next(base_model.parameters()).device
 
     def full_logits(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +184,7 @@ def prior_step(model: torch.nn.Module, base_model: torch.nn.Module, params: Mapp
         ids = batch["input_ids"]
         kl, w = (chunked_kl_and_weights(model, base_model, batch, tau, confidence, loss_chunk) if loss_chunk > 0
                  else full_logits(batch))  # [B] each; w is a constant of θ
-        grads = torch.autograd.grad(tau**2 * (w * kl).sum(), tensors, allow_unused=True)
-        sums = {n: g for n, g in zip(names, grads) if g is not None}
+        sums = param_grads(params, tau**2 * (w * kl).sum())
         return BatchOut(int(ids.shape[0]), sums={**sums, WEIGHT_SUM: w.sum().double()})
 
     return step

@@ -33,9 +33,11 @@ PROGRESS_DIR = "progress"
 class PassCheckpoint:
     """Save / restore the partial state of one batch loop (see the module docstring)."""
 
-    def __init__(self, folder: str | Path, name: str, every: int, n_batches: int) -> None:
-        """``folder``: RUN/scores/progress; ``every``: batches between saves (0: never save nor resume)."""
-        self.name, self.every, self.n_batches = name, int(every), int(n_batches)
+    def __init__(self, folder: str | Path, name: str, every: int, n_batches: int, aligned: bool = False) -> None:
+        """``folder``: RUN/scores/progress; ``every``: batches between saves (0: never save nor resume).
+        ``aligned``: the ranks' states are shards of one sum (``--sharding fsdp``), so every rank must resume
+        from the same batch: ``load`` agrees across ranks and starts over when they differ."""
+        self.name, self.every, self.n_batches, self.aligned = name, int(every), int(n_batches), aligned
         self.rank, self.world_size = dist.rank(), dist.world_size()
         stem = name if self.world_size == 1 else f"{name}.rank{self.rank}"
         self.path = Path(folder) / f"{stem}.safetensors"
@@ -43,16 +45,30 @@ class PassCheckpoint:
 
     def _info(self, done: int) -> dict[str, int | str]:
         return {"pass": self.name, "batches_done": done, "n_batches": self.n_batches, "rank": self.rank,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "layout": "sharded" if self.aligned else "replicated"}
 
     def load(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(batches done, saved tensors); (0, {}) when off, absent, or made for another sharding."""
+        """(batches done, saved tensors); (0, {}) when off, absent, or made for another sharding (and, for
+        ``aligned`` ranks, when the ranks saved after different batches: a kill between their saves). With
+        ``aligned`` it is a collective."""
+        done, saved = self._read()
+        if self.aligned and self.every > 0:
+            low, high = -dist.all_reduce_max([-float(done)])[0], dist.all_reduce_max([float(done)])[0]
+            if low != high:
+                log.warning("pass %s: the ranks saved after different batches (%d on rank %d, up to %d); this "
+                            "pass starts over", self.name, done, self.rank, int(high))
+                return 0, {}
+        return done, saved
+
+    def _read(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """This rank's saved state, if any fits these settings."""
         if self.every <= 0 or not self.path.exists():
             return 0, {}
         with safe_open(str(self.path), framework="pt") as f:
             header = f.metadata() or {}
         expected = {k: str(v) for k, v in self._info(0).items() if k != "batches_done"}
-        if any(header.get(k) != v for k, v in expected.items()):
+        found = {"layout": "replicated", **header}  # progress files from before --sharding fsdp
+        if any(found.get(k) != v for k, v in expected.items()):
             log.warning("ignoring %s: made for %s, not %s; this pass starts over", self.path, header, expected)
             return 0, {}
         done = int(header["batches_done"])

@@ -29,12 +29,13 @@ import torch
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
+from dualsft.distributed import is_sharded
 from dualsft.errors import ConfigError
 from dualsft.losses import per_example_loss, per_example_loss_from_logits
 from dualsft.scoring.ghost import GhostScorer
 from dualsft.scoring.passes import BatchOut, Step, run_pass
 from dualsft.scoring.progress import PassCheckpoint
-from dualsft.scoring.stats import check_finite, model_inputs, trainable_params, zeros_like_params
+from dualsft.scoring.stats import check_finite, model_inputs, param_grads, trainable_params, zeros_like_params
 
 METHODS = ("jvp", "ghost", "exact")
 Batch = dict[str, torch.Tensor]
@@ -86,9 +87,13 @@ def row_step(model: torch.nn.Module, u: Mapping[str, torch.Tensor], method: str 
         raise ConfigError("per-example gradient norms (--data-score cosine, --target-gradient normalized) need "
                           "--method ghost or exact, not jvp")
     params = trainable_params(model)
-    u = {n: t for n, t in u.items() if n in params}
+    sharded = any(is_sharded(p) for p in params.values())
+    if sharded and method != "ghost":
+        raise ConfigError(f"--sharding fsdp scores rows with --method ghost only, not {method!r}")
+    u = u if sharded else {n: t for n, t in u.items() if n in params}  # sharded: the gathered slots (scoring/sharded.py)
     device = next(iter(params.values())).device
-    ghost = GhostScorer(model, u, weight_grads=grad_sum, norms=norms) if method == "ghost" else None
+    # sharded: weights keep their gradients (FSDP's reduce-scatter expects them; param_grads drops them)
+    ghost = GhostScorer(model, u, weight_grads=grad_sum or sharded, norms=norms) if method == "ghost" else None
     batch_fn = {"jvp": _jvp_batch, "ghost": _ghost_batch, "exact": _exact_batch}[method]
 
     def step(batch: Batch) -> BatchOut:
@@ -102,12 +107,6 @@ def row_step(model: torch.nn.Module, u: Mapping[str, torch.Tensor], method: str 
         return BatchOut(int(inputs["input_ids"].shape[0]), sums=grads or {}, rows=rows)
 
     return step
-
-
-def _grads(params: Mapping[str, torch.Tensor], total: torch.Tensor) -> ParamDict:
-    """∇ total per parameter (one backward; tied weights summed by autograd; unreached ones left out)."""
-    grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-    return {n: g for n, g in zip(params, grads) if g is not None}
 
 
 def _tangents(params: Mapping[str, torch.Tensor], u: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,7 +146,7 @@ def _jvp_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch
             primal, tangent = fwAD.unpack_dual(per_example_loss_from_logits(logits, inputs["labels"]))
             tangent = tangent.detach()
         # backward outside the dual level: backward kernels (silu_backward, ...) have no forward-AD rule
-        return tangent, primal, _grads(params, primal.sum())
+        return tangent, primal, param_grads(params, primal.sum())
 
 
 def _ghost_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],
@@ -159,14 +158,14 @@ def _ghost_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, tor
     grads = None
     with ghost.installed(model):
         losses = per_example_loss(model, inputs)
-        if grad_sum:
-            grads = _grads(params, losses.sum())
+        if ghost.weight_grads:
+            grads = param_grads(params, losses.sum())
         else:
             losses.sum().backward()  # parameters are frozen here: activation gradients only
     assert ghost.scores is not None
     if sq_norms is not None:
         sq_norms.append(ghost.squared_norms())
-    return ghost.scores, losses, grads
+    return ghost.scores, losses, grads if grad_sum else None
 
 
 def _exact_batch(model: torch.nn.Module, inputs: Batch, params: Mapping[str, torch.Tensor],

@@ -58,7 +58,7 @@ from dualsft.method import (
     param_scores,
     restrict,
 )
-from dualsft.models import load_model, load_tokenizer, model_fingerprint
+from dualsft.models import load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, portable_path, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.scoring.layers import linear_weight_names
@@ -67,8 +67,10 @@ from dualsft.scoring.prior import normalise_prior, prior_accumulators, prior_nor
 from dualsft.scoring.progress import PROGRESS_DIR
 from dualsft.scoring.rows import row_accumulators, row_step
 from dualsft.scoring.settings import ScoreConfig, ScoringSettings, save_settings
+from dualsft.scoring.sharded import gather_whole, is_slot, load_local_rows, shard_for_scoring
 from dualsft.scoring.stats import gradient_step, trainable_params, weighted_gradient_step, zeros_like_params
 from dualsft.scoring.warmup import warmup_state
+from dualsft.training.sharded import load_stage_model, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ HELP = "dual scores at θw: φ_param = u⊙G per parameter entry and φ_data = �
 FILES = {"param_scores": "param_scores.safetensors", "data_scores": "data_scores.jsonl", "u": "u.safetensors",
          "v": "v.safetensors", "grad_sum": "grad_sum.safetensors", "summary": "summary.json"}
 # options that never change the scores (loss_chunk: up to float rounding): a rerun may change them
-RESULT_NEUTRAL = ("config.checkpoint_every", "config.loss_chunk")
+RESULT_NEUTRAL = ("config.checkpoint_every", "config.loss_chunk", "config.sharding")
 ANCHOR_SEED_OFFSET = 1  # the anchor slice uses seed+1 so it differs from the warm-up slice of the same seed
 ROWS = ("scores", "losses")  # the per-example rows of a pool pass: φ_data[n] and l_n
 
@@ -108,17 +110,23 @@ def main(cfg: ScoreConfig) -> int:
     if inp.done:
         return 0
     model, timings, skipped = inp.model, {}, []
+    R = row_parameters(cfg, model, trainable_params(model))
+    slots = shard_for_scoring(model, R) if cfg.sharding == "fsdp" else None  # u of R gathered with the weights
     params = trainable_params(model)
+    if slots is not None and inp.c_path:
+        inp.c = load_local_rows(inp.c_path, params)  # this rank's rows of c only
     acc_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
     run = partial(sharded_pass, batch_size=cfg.batch_size, pad_id=inp.pad_id, timings=timings,
                   progress_dir=inp.out / PROGRESS_DIR if cfg.checkpoint_every > 0 else None,
-                  every=cfg.checkpoint_every)
+                  every=cfg.checkpoint_every, presummed=set(params) if slots is not None else ())
 
     v_new, target_norms = target_direction(cfg, model, params, inp.target, run, acc_dtype)
     anchors = anchor_positions(cfg, inp, skipped)
     v_prior = None
     if anchors:  # v_prior = τ²Σw∇KL ÷ Z(global Σw)
-        base = load_model(cfg.model, cfg.dtype, dist.rank_device(cfg.device), attn_implementation="sdpa")
+        base = load_stage_model(cfg.model, cfg.dtype, cfg.device, "sdpa", cfg.sharding)
+        if slots is not None:
+            shard_model(base)  # the teacher θ0 sharded like the student: no rank holds a second whole model
         prior_sums = run("anchor", [inp.pool[i] for i in anchors], prior_step(model, base, params, cfg.tau,
                          cfg.confidence, cfg.loss_chunk), prior_accumulators(params, acc_dtype)).sums
         v_prior = normalise_prior(*split_prior_sums(prior_sums), cfg.prior_normalisation)
@@ -129,24 +137,46 @@ def main(cfg: ScoreConfig) -> int:
     cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
     rows = ROWS + (("sq_norms",) if cosine else ())
     adam = cfg.precondition  # none, or u for one Adam step: P per parameter (method.adam_scale / adam_step_scale)
-    R = row_parameters(cfg, model, params)
+
+    def directions(u: dict[str, torch.Tensor]) -> Any:  # what the row pass reads u from
+        if slots is None:
+            return restrict(u, R)
+        slots.load(restrict(u, R))
+        return slots
+
     if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
         u, v, norms = combine_u(v_new, v_prior, None, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, adam)
-        pool = run("pool", inp.pool, row_step(model, restrict(u, R), cfg.method, grad_sum=True, norms=cosine),
+        pool = run("pool", inp.pool, row_step(model, directions(u), cfg.method, grad_sum=True, norms=cosine),
                    row_accumulators(model, True, acc_dtype), row_names=rows)
         G = pool.sums
     else:  # G = Σ_n g_n over the whole pool first; then u = ηv − ½η²c⊙G; then φ_data = ⟨u, g_n⟩
         G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
         warn_missing_curvature(v_new, inp.c)
         u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, adam)
-        pool = run("pool_rows", inp.pool, row_step(model, restrict(u, R), cfg.method, norms=cosine), {}, row_names=rows)
+        pool = run("pool_rows", inp.pool, row_step(model, directions(u), cfg.method, norms=cosine), {},
+                   row_names=rows)
     phi = param_scores(u, G)
+    totals = identity_totals(u, G, phi, R)
+    if slots is not None:  # every rank holds its rows: add the ranks' partial sums (norms: their squares)
+        totals = dict(zip(totals, dist.all_reduce_sum(list(totals.values()))))
+        norms = {k: x**0.5 for k, x in zip(norms, dist.all_reduce_sum([x**2 for x in norms.values()]))}
+    stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms, "target_norms": target_norms, "totals": totals}
+    write_tensors(inp.out, stats, (lambda t: gather_whole(t, params)) if slots is not None else None)
     if ctx.is_main:  # rank 0 writes; the others wait for it and leave
-        stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms, "target_norms": target_norms, "rows_over": R}
         write_scores(cfg, inp, stats, pool.rows, {"timings": timings, "skipped": skipped, "anchors": anchors,
                                                   "world_size": ctx.world_size, "t_start": t_start})
     dist.barrier()
     return 0
+
+
+def identity_totals(u: dict[str, torch.Tensor], G: dict[str, torch.Tensor], phi: dict[str, torch.Tensor],
+                    rows_over: list[str]) -> dict[str, float]:
+    """The column side of the row–column identity (docs/method.md §4), in float64: uᵀG, Σφ_param and Σ_{j∈R}
+    φ_param (what Σ_n φ_data[n] must equal when φ_data sums over R only). Sums of entries: on FSDP shards each
+    rank's partial sums add up across ranks."""
+    return {"uTG": sum(float(interaction(u[n], G[n]).sum()) for n in u),
+            "sum_param": sum(float(t.double().sum()) for t in phi.values()),
+            "sum_param_rows": sum(float(phi[n].double().sum()) for n in rows_over)}
 
 
 def row_parameters(cfg: ScoreConfig, model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> list[str]:
@@ -190,7 +220,7 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
     at_theta0 = not (warm and warm.get("model_dir"))
     if at_theta0:
         log.info("no warm-up checkpoint in %s: scoring at θ0", Path(cfg.run_dir) / "warmup")
-    c, c_path = load_curvature(cfg, warm)
+    c, c_path = load_curvature(cfg, warm, whole=cfg.sharding != "fsdp")  # fsdp: each rank reads its rows later
     tokenizer = load_tokenizer(cfg.model)
     pool = load_split(cfg.pool, tokenizer, cfg, "pool")
     target = load_split(cfg.target, tokenizer, cfg, "target")
@@ -198,7 +228,7 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
         raise ConfigError("the target set is empty: v_new needs at least one target example")
     # θw's folder is recorded as the scores' model (select reloads it): relative, like every recorded path
     model_id = cfg.model if at_theta0 else portable_path(warm["model_dir"])  # type: ignore[index]
-    model = load_model(model_id, cfg.dtype, dist.rank_device(cfg.device), attn_implementation=attention_for(cfg.method))
+    model = load_stage_model(model_id, cfg.dtype, cfg.device, attention_for(cfg.method), cfg.sharding)
     data_files = {"pool": cfg.pool, "target": cfg.target, **({"curvature": c_path} if c_path else {})}
     meta = build_metadata("scores", cfg, model_id=model_id, model_fingerprint=model_fingerprint(model),
                           data_files=data_files, extra={"scored_at": scored_at(at_theta0)})
@@ -251,8 +281,10 @@ def warn_missing_curvature(v: dict[str, torch.Tensor], c: dict[str, torch.Tensor
                     missing[0])
 
 
-def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """c for order 2 or --precondition adam|adam-step (from --curvature or the warm-up); order 1 alone needs none."""
+def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None,
+                   whole: bool = True) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """(c, its file) for order 2 or --precondition adam|adam-step (from --curvature or the warm-up); order 1
+    alone needs none. ``whole=False``: only the file (``--sharding fsdp`` reads each rank's rows of it)."""
     path = cfg.curvature or (warm or {}).get("curvature")
     if cfg.order == 1 and cfg.precondition == "none":
         return None, None
@@ -263,13 +295,13 @@ def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None) -> tuple[dict[
                               "--precondition none")
         raise ConfigError("--order 2 needs the curvature c (Adam exp_avg_sq of the warm-up), but there is none: "
                           "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use --order 1")
-    return load_tensors(path), str(path)
+    return (load_tensors(path) if whole else None), str(path)
 
 
 def coverage(model: torch.nn.Module) -> dict[str, Any]:
     """Which parameters are scored: trainable ones; frozen ones and tied aliases are listed."""
-    all_named = list(model.named_parameters(remove_duplicate=False))
-    unique = dict(model.named_parameters())
+    all_named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if not is_slot(n)]
+    unique = {n: p for n, p in model.named_parameters() if not is_slot(n)}
     trainable = trainable_params(model)
     return {"scored_tensors": len(trainable), "scored_entries": int(sum(p.numel() for p in trainable.values())),
             "total_entries": int(sum(p.numel() for p in unique.values())),
@@ -293,14 +325,23 @@ def pool_rows(toks: list[TokenizedExample], scores: torch.Tensor, losses: torch.
     return out
 
 
+def write_tensors(out: Path, stats: dict[str, Any], collect: Any = None) -> None:
+    """Write φ_param, u, v and G (float32 safetensors) on rank 0. ``collect`` (``--sharding fsdp``: a
+    collective every rank calls) turns this rank's rows into whole tensors on rank 0, one file at a time, so
+    rank 0 never holds more than one of them whole."""
+    files = (("param_scores", "phi", "phi_param = u*G"), ("u", "u", "u"), ("v", "v", "v"), ("grad_sum", "G", "G"))
+    for key, stat, what in files:
+        tensors = collect(stats[stat]) if collect is not None else stats[stat]
+        if dist.is_main():
+            save_tensors(out / FILES[key], {n: t.float() for n, t in tensors.items()}, metadata={"what": what})
+        del tensors
+
+
 def write_scores(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], rows: dict[str, torch.Tensor],
                  info: dict[str, Any]) -> None:
-    """Write RUN/scores/ (the output contract of the module docstring) and drop the progress folder."""
-    out, u, G, phi = inp.out, stats["u"], stats["G"], stats["phi"]
-    save_tensors(out / FILES["param_scores"], phi, metadata={"what": "phi_param = u*G"})
-    save_tensors(out / FILES["u"], {n: t.float() for n, t in u.items()}, metadata={"what": "u"})
-    save_tensors(out / FILES["v"], {n: t.float() for n, t in stats["v"].items()}, metadata={"what": "v"})
-    save_tensors(out / FILES["grad_sum"], {n: t.float() for n, t in G.items()}, metadata={"what": "G"})
+    """Write the rest of RUN/scores/ (rows, settings, summary; ``write_tensors`` wrote the tensors) and drop
+    the progress folder: after that, the folder is complete (the module docstring's output contract)."""
+    out = inp.out
     write_jsonl(out / FILES["data_scores"], pool_rows(inp.pool, rows["scores"], rows["losses"], rows.get("sq_norms")))
     save_settings(out, ScoringSettings.from_config(cfg, scored_at(inp.at_theta0)))
     summary = score_summary(cfg, inp, stats, rows, info)
@@ -320,14 +361,13 @@ def target_norm_summary(norms: torch.Tensor | None) -> dict[str, Any]:
 def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], rows: dict[str, torch.Tensor],
                   info: dict[str, Any]) -> dict[str, Any]:
     """summary.json: the row-column identity uᵀG = Σφ_param = Σφ_data, the settings, coverage and timings."""
-    u, G, timings = stats["u"], stats["G"], info["timings"]
+    timings, totals = info["timings"], stats["totals"]
     pool_wall = sum(t["wall_time_s"] for k, t in timings.items() if k.startswith("pool"))
     return {
-        "uTG": sum(float(interaction(u[n], G[n]).sum()) for n in u),
-        "sum_param": sum(float(t.double().sum()) for t in stats["phi"].values()),
+        "uTG": totals["uTG"], "sum_param": totals["sum_param"],
         "sum_data": float(rows["scores"].sum()),  # Σ ⟨u, g_n⟩ (the INNER scores, whatever --data-score ranks)
         # Σ_n ⟨u_R, g_n⟩ = Σ_{j∈R} φ_param_j: equals sum_param when --data-params all
-        "sum_param_rows": sum(float(stats["phi"][n].double().sum()) for n in stats["rows_over"]),
+        "sum_param_rows": totals["sum_param_rows"],
         "score_tokens": cfg.score_tokens, "data_score": cfg.data_score, "target_gradient": cfg.target_gradient,
         "precondition": cfg.precondition, "data_params": cfg.data_params,
         **target_norm_summary(stats.get("target_norms")),
@@ -339,7 +379,7 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "examples_per_s": len(inp.pool) / pool_wall, "u_term_norms": stats["norms"], "pool_size": len(inp.pool),
         "target_size": len(inp.target), "anchor_indices": [inp.pool[i].index for i in info["anchors"]],
         "skipped": info["skipped"], "mean_pool_loss": float(rows["losses"].mean()), "files": FILES,
-        "wall_time_s": time.time() - info["t_start"], "world_size": info["world_size"],
+        "wall_time_s": time.time() - info["t_start"], "world_size": info["world_size"], "sharding": cfg.sharding,
         "file_meaning": {"param_scores": "phi_param = u*G", "u": "u", "v": "v = lambda_new v_new + lambda_prior "
                          "v_prior", "grad_sum": "G = sum_n g_n over the pool",
                          "data_scores": "phi_data[n] = <u, g_n>" if cfg.data_score == "inner" else

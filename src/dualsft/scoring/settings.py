@@ -68,6 +68,9 @@ class ScoreConfig(CommonConfig):
                              "[batch, length, vocab] logits); 0 = full logits. Same v_prior up to float rounding")
     checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
                                 "so a rerun resumes after a kill (0: off)")
+    sharding: Literal["none", "fsdp"] = opt("none", "fsdp: shard θw, the teacher θ0 and every statistic (v, c, G, u, "
+                                            "φ_param) across the torchrun processes with FSDP2; each layer's u is "
+                                            "gathered with its weights for the row scores (--method ghost only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +89,11 @@ class ScoreConfig(CommonConfig):
         require(self.precondition in ("none", "adam", "adam-step"), "precondition", self.precondition,
                 "use none, adam or adam-step")
         require(self.data_params in ("all", "linear"), "data-params", self.data_params, "use all or linear")
+        require(self.sharding in ("none", "fsdp"), "sharding", self.sharding, "use none or fsdp")
+        require(not (self.sharding == "fsdp" and self.method != "ghost"), "method", self.method,
+                "--sharding fsdp scores rows with --method ghost only")
+        require(not (self.sharding == "fsdp" and self.loss_chunk), "loss-chunk", self.loss_chunk,
+                "--sharding fsdp runs the whole model through FSDP's hooks: use --loss-chunk 0")
         require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
                 "cosine needs per-example gradient norms: use --method ghost (default) or exact")
 

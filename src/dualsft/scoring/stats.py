@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from dualsft.distributed import is_sharded, local_tensor
 from dualsft.errors import ConfigError, NonFiniteLossError
 from dualsft.losses import per_example_loss
 from dualsft.method import combine_u, param_scores, surrogate_improvement  # noqa: F401  (re-exported)
@@ -30,8 +31,28 @@ def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def zeros_like_params(params: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> ParamDict:
-    """One zero accumulator per parameter, shaped like it, on its device, in ``dtype``."""
-    return {n: torch.zeros(p.shape, dtype=dtype, device=p.device) for n, p in params.items()}
+    """One zero accumulator per parameter, shaped like it (like this rank's shard of an FSDP2-sharded one),
+    on its device, in ``dtype``."""
+    return {n: torch.zeros(local_tensor(p).shape, dtype=dtype, device=p.device) for n, p in params.items()}
+
+
+def param_grads(params: Mapping[str, torch.Tensor], total: torch.Tensor) -> ParamDict:
+    """∇ total per parameter from one backward (tied weights summed by autograd; unreached ones left out).
+
+    FSDP2-sharded parameters (``--sharding fsdp``) take an ordinary ``backward``: FSDP reduce-scatters each
+    layer's gradient, so ``p.grad`` holds this rank's rows of the gradient SUMMED over every rank's batch
+    (docs/scaling.md §4b). That local shard is returned and ``p.grad`` cleared. Every rank must call it."""
+    tensors = list(params.values())
+    if not any(is_sharded(p) for p in tensors):
+        grads = torch.autograd.grad(total, tensors, allow_unused=True)
+        return {n: g for n, g in zip(params, grads) if g is not None}
+    total.backward()
+    out = {}
+    for n, p in params.items():
+        if p.grad is not None:
+            out[n] = local_tensor(p.grad)
+            p.grad = None
+    return out
 
 
 def check_finite(losses: torch.Tensor, batch: Batch) -> None:
@@ -52,14 +73,12 @@ def model_inputs(batch: Batch, device: torch.device) -> Batch:
 def gradient_step(model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter]) -> Step:
     """The per-batch function of a G pass: g_B = ∇_θ Σ_{n∈B} l_n(θ) for ``params`` (one ordinary backward of
     the summed loss; a parameter the loss does not reach adds nothing)."""
-    names, tensors = list(params), list(params.values())
-    device = tensors[0].device
+    device = next(iter(params.values())).device
 
     def step(batch: Batch) -> BatchOut:
         losses = per_example_loss(model, model_inputs(batch, device))  # [B]
         check_finite(losses, batch)
-        grads = torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
-        return BatchOut(len(losses), sums={n: g for n, g in zip(names, grads) if g is not None})
+        return BatchOut(len(losses), sums=param_grads(params, losses.sum()))
 
     return step
 
@@ -68,15 +87,13 @@ def weighted_gradient_step(model: torch.nn.Module, params: Mapping[str, torch.nn
                            weights: Mapping[int, float]) -> Step:
     """The per-batch function of a weighted pass: ∇_θ Σ_{n∈B} w_n l_n(θ), ``weights`` keyed by the examples'
     stable index (the normalized v_new, docs/method.md §4 "Scoring variants"): one summed-loss backward."""
-    names, tensors = list(params), list(params.values())
-    device = tensors[0].device
+    device = next(iter(params.values())).device
 
     def step(batch: Batch) -> BatchOut:
         losses = per_example_loss(model, model_inputs(batch, device))  # [B]
         check_finite(losses, batch)
         w = torch.tensor([weights[int(i)] for i in batch["index"]], dtype=losses.dtype, device=losses.device)
-        grads = torch.autograd.grad((w * losses).sum(), tensors, allow_unused=True)
-        return BatchOut(len(losses), sums={n: g for n, g in zip(names, grads) if g is not None})
+        return BatchOut(len(losses), sums=param_grads(params, (w * losses).sum()))
 
     return step
 

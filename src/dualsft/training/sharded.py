@@ -93,7 +93,7 @@ def local_span(index: torch.Tensor, shape: tuple[int, ...], rank: int, world: in
 def full_on_main(t: torch.Tensor) -> torch.Tensor | None:
     """A sharded DTensor gathered whole (a collective: every rank calls it), kept on CPU on rank 0 only (None
     elsewhere), so the ranks never all hold the model; a plain tensor is returned (on CPU) as is."""
-    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+    full = t.full_tensor() if dist.is_sharded(t) else t
     return full.detach().cpu() if dist.is_main() else None
 
 
@@ -101,11 +101,6 @@ def _rows_of(full: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a whole tensor (as FSDP2 shards a parameter on dim 0)."""
     start, end = local_rows(full.shape[0], dist.rank(), dist.world_size())
     return full[start:end]
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (its storage: writes reach the parameter); a plain tensor as is."""
-    return p._local_tensor if hasattr(p, "_local_tensor") else p  # DTensor keeps its shard there
 
 
 class ShardedSparseAdamW(SparseAdamW):
@@ -119,12 +114,12 @@ class ShardedSparseAdamW(SparseAdamW):
     gathers_across_ranks = True  # trainable_values / state_tensors are collectives (checkpoint.save_checkpoint)
 
     def _storage(self, t: torch.Tensor) -> torch.Tensor:
-        return _local(t)
+        return dist.local_tensor(t)
 
     def _local_index(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         a, b, offset = local_span(idx, tuple(p.shape), dist.rank(), dist.world_size())
         self.state[p]["span"] = (a, b)
-        return (idx[a:b].long() - offset).to(device=_local(p).device, dtype=torch.int64)
+        return (idx[a:b].long() - offset).to(device=dist.local_tensor(p).device, dtype=torch.int64)
 
     def _collect(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{name: [k]} from every rank's {name: [k_r]} (rank order = flat order). A collective: every rank
@@ -205,7 +200,7 @@ class ShardedDenseAdamW(DenseAdamW):
     def load_trainable_values(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p in self.named:
-                _local(p).copy_(_rows_of(tensors[n]))
+                dist.local_tensor(p).copy_(_rows_of(tensors[n]))
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         from torch.distributed.tensor import DTensor
@@ -215,6 +210,6 @@ class ShardedDenseAdamW(DenseAdamW):
                 continue
             st = {"step": tensors[f"{n}::step"].clone()}
             for k in ("exp_avg", "exp_avg_sq"):
-                local = _rows_of(tensors[f"{n}::{k}"]).to(_local(p).device).clone()
+                local = _rows_of(tensors[f"{n}::{k}"]).to(dist.local_tensor(p).device).clone()
                 st[k] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             self.opt.state[p] = st
