@@ -240,6 +240,9 @@ def main() -> int:
             row = {"stage": stage, "world_size": world, "sharding": sharding, "measured_peak_mib": round(measured, 1),
                    "per_rank_mib": [round((r["peak_kb"] - r["before_kb"]) / 1024, 1) for r in ranks],
                    "estimate_mib": round(e, 1), "measured_over_estimate": round(measured / e, 3)}
+            if stage == "score":  # the statistics each rank held, counted from its tensors (summary.json)
+                held = json.loads((work / f"{stage}-w{world}-{sharding}" / "scores" / "summary.json").read_text())
+                row["statistics_mib_per_rank"] = [round(b / 2**20, 1) for b in held["statistics_bytes_per_rank"]]
             if "loop_peak_kb" in ranks[0]:  # the training loop alone (warm-up, train): see watch_training_loop
                 loop = max((r["loop_peak_kb"] - r["before_kb"]) / 1024 for r in ranks)
                 row.update({"loop_peak_mib": round(loop, 1), "loop_over_estimate": round(loop / e, 3),
@@ -250,6 +253,12 @@ def main() -> int:
     base = {r["stage"]: r["measured_peak_mib"] for r in rows if r["world_size"] == 1}
     for r in rows:
         r["vs_world1"] = round(r["measured_peak_mib"] / base[r["stage"]], 3)
+    stats1 = [max(r["statistics_mib_per_rank"]) for r in rows if "statistics_mib_per_rank" in r and r["world_size"] == 1]
+    for r in rows:
+        if "statistics_mib_per_rank" in r and stats1:
+            r["statistics_vs_world1"] = round(max(r["statistics_mib_per_rank"]) / stats1[0], 3)
+            print(f"score N={r['world_size']} {r['sharding']}: statistics held per rank {r['statistics_mib_per_rank']} "
+                  f"MiB ({r['statistics_vs_world1']:.2f}x N=1)")
     loops = {r["stage"]: r.get("loop_peak_mib") for r in rows if r["world_size"] == 1}
     for r in rows:
         if r.get("loop_peak_mib") and loops.get(r["stage"]):

@@ -96,3 +96,24 @@ def test_collectives_on_two_gloo_processes(tmp_path):
         assert out["gathered"] == [100.0 + i for i in range(9)]  # pool order, on every rank
         assert out["f32"] == [3.0] * 3 and out["bf16"] == [2.0] * 4 and out["f64"] == pytest.approx([3e-12])
         assert out["sum"] == [2.0, 1.0]
+
+
+def test_sharding_auto_resolves_per_world_size_and_method(monkeypatch):
+    """--sharding auto (the default): FSDP2 under torchrun with more than one process, data parallel for what
+    FSDP2 does not support here (LoRA, dense-masked, --loss-chunk), nothing to shard in one process; an
+    explicit fsdp that cannot run is refused."""
+    from dualsft.errors import ConfigError
+    from dualsft.training.sharded import resolve_sharding, training_blocker
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_sharding("auto", None) == "none"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_sharding("auto", training_blocker("sparse", 0)) == "fsdp"
+    assert resolve_sharding("auto", training_blocker("full", 0)) == "fsdp"
+    assert resolve_sharding("auto", training_blocker("lora", 0)) == "none"
+    assert resolve_sharding("auto", training_blocker("full", 256)) == "none"
+    assert resolve_sharding("none", None) == "none"
+    with pytest.raises(ConfigError, match="--method dense-masked"):
+        resolve_sharding("fsdp", training_blocker("dense-masked", 0))
+    with pytest.raises(ConfigError, match="--sharding must be one of"):
+        resolve_sharding("zero3", None)

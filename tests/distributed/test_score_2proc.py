@@ -61,7 +61,7 @@ def test_warmup_and_order2_score_two_processes_match_one(score_inputs, tmp_path)
     """Pool of 9 (shards 5 + 4): data-parallel warm-up, then order-2 scoring with the anchor pass."""
     d, one, two, warm2 = score_inputs, tmp_path / "one", tmp_path / "two", tmp_path / "warm2"
     assert cli(_warmup_args(d, one)) == 0
-    run_torchrun(["-m", "dualsft", *_warmup_args(d, warm2)])
+    run_torchrun(["-m", "dualsft", *_warmup_args(d, warm2), "--sharding", "none"])
     w1, w2 = one / "warmup", warm2 / "warmup"
     assert read_json(w1 / "warmup_indices.json") == read_json(w2 / "warmup_indices.json")
     assert read_json(w1 / "summary.json")["steps"] == read_json(w2 / "summary.json")["steps"] == 3
@@ -74,8 +74,9 @@ def test_warmup_and_order2_score_two_processes_match_one(score_inputs, tmp_path)
 
     copy_stage(one, two, "warmup")  # score both from the same θw and c: this isolates the scoring tolerance
     assert cli(_score_args(d, one, "pool9")) == 0
-    run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool9")])
+    run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool9"), "--sharding", "none"])
     summary = read_json(two / "scores" / "summary.json")
+    assert summary["sharding"] == "none"
     assert summary["passes"] == ["target", "anchor", "pool_G", "pool_rows"] and summary["scored_at"] == "theta_w"
     assert [r["index"] for r in read_jsonl(two / "scores" / "data_scores.jsonl")] == list(range(9))  # pool order
     assert summary["anchor_indices"] == read_json(one / "scores" / "summary.json")["anchor_indices"]
@@ -86,12 +87,15 @@ def test_warmup_and_order2_score_two_processes_match_one(score_inputs, tmp_path)
 
 @pytest.mark.slow
 def test_order1_score_two_processes_match_one_divisible_pool(score_inputs, tmp_path):
-    """Pool of 10 (shards 5 + 5), first order at θ0: G and rows from the same ghost pass."""
+    """Pool of 10 (shards 5 + 5), first order at θ0: G and rows from the same ghost pass. No --sharding: the
+    default (auto) shards with FSDP2 under torchrun."""
     d, one, two = score_inputs, tmp_path / "one", tmp_path / "two"
     args = ("--order", "1")
     assert cli(_score_args(d, one, "pool10", *args)) == 0
     run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool10", *args)])
+    assert read_json(one / "scores" / "summary.json")["sharding"] == "none"  # one process: nothing to shard
     assert read_json(two / "scores" / "summary.json")["passes"] == ["target", "pool"]
+    assert read_json(two / "scores" / "summary.json")["sharding"] == "fsdp"
     diffs = _compare_scores(one, two)
     assert max(diffs.values()) <= SCORE_RTOL, diffs
 
@@ -104,11 +108,14 @@ def _batches_done(path) -> int:
 
 
 @pytest.mark.slow
-def test_two_process_score_resumes_bitwise_after_sigkill(score_inputs, tmp_path):
-    """2 ranks checkpoint their shards (progress/<pass>.rank<r>); SIGKILL torchrun and both workers mid-pool,
-    rerun with 2 ranks -> bitwise the uninterrupted 2-process result (docs/errors.md, "Resume")."""
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_process_score_resumes_bitwise_after_sigkill(score_inputs, tmp_path, sharding):
+    """2 ranks checkpoint their shards (progress/<pass>.rank<r>: their examples' sums, or under fsdp their rows
+    of the sums, with the previous save kept); SIGKILL torchrun and both workers mid-pool, rerun with 2 ranks
+    -> bitwise the uninterrupted 2-process result (docs/errors.md, "Resume")."""
     d, clean, killed = score_inputs, tmp_path / "clean", tmp_path / "killed"
-    args = ["-m", "dualsft", *_score_args(d, clean, "pool40", "--order", "1", "--checkpoint-every", "1")]
+    args = ["-m", "dualsft", *_score_args(d, clean, "pool40", "--order", "1", "--checkpoint-every", "1",
+                                          "--sharding", sharding)]
     run_torchrun(args)
     again = [str(killed) if a == str(clean) else a for a in args]  # the same command into another run folder
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
@@ -185,6 +192,9 @@ def test_fsdp_order1_score_matches_one_process(score_inputs, tmp_path):
     diffs = _compare_scores(one, two)
     diffs["grad_norm"] = rows_rel_diff(one / "scores" / "data_scores.jsonl", two / "scores" / "data_scores.jsonl",
                                        "grad_norm")
-    print(json.dumps({"fsdp_order1": diffs}))
+    held1 = read_json(one / "scores" / "summary.json")["statistics_bytes_per_rank"]
+    held2 = summary["statistics_bytes_per_rank"]
+    print(json.dumps({"fsdp_order1": diffs, "statistics_bytes": [held1, held2]}))
     assert max(diffs.values()) <= FSDP_SCORE_RTOL, diffs
+    assert len(held2) == 2 and max(held2) <= 0.6 * held1[0]  # each rank holds its rows (+ its rows of the u slots)
     assert abs(summary["sum_data"] - summary["uTG"]) <= 1e-5 * abs(summary["uTG"])  # row–column identity

@@ -51,7 +51,7 @@ def test_train_two_processes_match_one(train_inputs, tmp_path, method):
     d = train_inputs
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(_args(d, one, method)) == 0
-    run_torchrun(["-m", "dualsft", *_args(d, two, method)])
+    run_torchrun(["-m", "dualsft", *_args(d, two, method), "--sharding", "none"])  # data parallel
     info = read_json(two / "adapter.json")
     assert info["complete"] and info["result"]["world_size"] == 2
     assert read_json(one / "adapter.json")["result"]["world_size"] == 1

@@ -65,21 +65,40 @@ def test_progress_off_or_for_another_pass_is_not_resumed(tmp_path):
     assert PassCheckpoint(tmp_path, "pool_G", 1, 4).load() == (0, {})  # other batches: start over
 
 
-def test_sharded_ranks_that_saved_after_different_batches_start_over(tmp_path, monkeypatch):
-    """--sharding fsdp: the ranks' progress files are rows of ONE sum, so they must resume from the same batch.
-    When a kill fell between two ranks' saves (here: this rank saved after 2 batches, the other after 3), every
-    rank starts the pass over instead of mixing states; agreeing ranks resume."""
+def _other_rank(monkeypatch, latest: float) -> None:
+    """Stand in for a second rank under --sharding fsdp whose latest save is after ``latest`` batches and that
+    holds the agreed one: ``load``'s two all-reduces are the MIN of the ranks' latest saves (as the max of
+    their negatives) and the max of the "I lack it" flags."""
     from dualsft.scoring import progress
 
-    state = {"sum.G": torch.arange(6.0)}
-    PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).save(2, state)
-    other_rank_done = 3.0
     monkeypatch.setattr(progress.dist, "all_reduce_max",
-                        lambda v: [max(v[0], other_rank_done if v[0] >= 0 else -other_rank_done)])
+                        lambda v: [max(v[0], -latest)] if v[0] < 0 else [max(v[0], 0.0)])
+
+
+def test_sharded_ranks_resume_from_the_latest_save_they_all_hold(tmp_path, monkeypatch):
+    """--sharding fsdp: the ranks' progress files are rows of ONE sum, so they must resume from the same batch.
+    A kill between two ranks' saves leaves this rank at batch 4 and the other at 2: each rank keeps its previous
+    save, so both resume from batch 2 (this rank's previous file), not from 4."""
+    ckpt = PassCheckpoint(tmp_path, "pool", 2, 6, aligned=True)
+    ckpt.save(2, {"sum.G": torch.full((3,), 2.0)})
+    ckpt.save(4, {"sum.G": torch.full((3,), 4.0)})
+    _other_rank(monkeypatch, latest=2.0)
+    done, saved = PassCheckpoint(tmp_path, "pool", 2, 6, aligned=True).load()
+    assert done == 2 and torch.equal(saved["sum.G"], torch.full((3,), 2.0))
+    _other_rank(monkeypatch, latest=4.0)
+    done, saved = PassCheckpoint(tmp_path, "pool", 2, 6, aligned=True).load()
+    assert done == 4 and torch.equal(saved["sum.G"], torch.full((3,), 4.0))
+
+
+def test_sharded_ranks_without_a_common_save_start_over(tmp_path, monkeypatch):
+    """If some rank does not hold the agreed batch count (e.g. its files were lost), every rank starts the pass
+    over instead of mixing states."""
+    from dualsft.scoring import progress
+
+    PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).save(3, {"sum.G": torch.ones(3)})
+    answers = iter([[-3.0], [1.0]])  # min over ranks is 3; some rank lacks a save after batch 3
+    monkeypatch.setattr(progress.dist, "all_reduce_max", lambda v: next(answers))
     assert PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).load() == (0, {})
-    other_rank_done = 2.0
-    done, saved = PassCheckpoint(tmp_path, "pool", 1, 5, aligned=True).load()
-    assert done == 2 and torch.equal(saved["sum.G"], state["sum.G"])
 
 
 def test_progress_of_another_layout_is_ignored(tmp_path):

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ from dualsft.scoring.settings import ScoreConfig, ScoringSettings, save_settings
 from dualsft.scoring.sharded import gather_whole, is_slot, load_local_rows, shard_for_scoring
 from dualsft.scoring.stats import gradient_step, trainable_params, weighted_gradient_step, zeros_like_params
 from dualsft.scoring.warmup import warmup_state
-from dualsft.training.sharded import load_stage_model, shard_model
+from dualsft.training.sharded import load_stage_model, resolve_sharding, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def main(cfg: ScoreConfig) -> int:
     """Compute and write RUN/scores/ (see module docstring): the scoring step of docs/method.md §5."""
     t_start = time.time()
     ctx = dist.dist_context(cfg.device)
+    cfg = replace(cfg, sharding=resolve_sharding(cfg.sharding, cfg.scoring_blocker()))
     check_order(cfg.order)
     inp = prepare_inputs(cfg, ctx.is_main)
     if inp.done:
@@ -142,10 +143,12 @@ def main(cfg: ScoreConfig) -> int:
         if slots is None:
             return restrict(u, R)
         slots.load(restrict(u, R))
+        u.update(slots.shared_rows(u))  # the slots hold u's rows: u reads them instead of keeping a copy
         return slots
 
     if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
         u, v, norms = combine_u(v_new, v_prior, None, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, adam)
+        v_new = v_prior = None  # folded into v: not held through the pool pass
         pool = run("pool", inp.pool, row_step(model, directions(u), cfg.method, grad_sum=True, norms=cosine),
                    row_accumulators(model, True, acc_dtype), row_names=rows)
         G = pool.sums
@@ -153,6 +156,7 @@ def main(cfg: ScoreConfig) -> int:
         G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
         warn_missing_curvature(v_new, inp.c)
         u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, adam)
+        v_new = v_prior = None
         pool = run("pool_rows", inp.pool, row_step(model, directions(u), cfg.method, norms=cosine), {},
                    row_names=rows)
     phi = param_scores(u, G)
@@ -160,6 +164,8 @@ def main(cfg: ScoreConfig) -> int:
     if slots is not None:  # every rank holds its rows: add the ranks' partial sums (norms: their squares)
         totals = dict(zip(totals, dist.all_reduce_sum(list(totals.values()))))
         norms = {k: x**0.5 for k, x in zip(norms, dist.all_reduce_sum([x**2 for x in norms.values()]))}
+    held = [inp.c, G, u, v, phi, slots.local_shards() if slots is not None else None]
+    totals["statistics_bytes_per_rank"] = per_rank(tensor_bytes(held))
     stats = {"u": u, "v": v, "G": G, "phi": phi, "norms": norms, "target_norms": target_norms, "totals": totals}
     write_tensors(inp.out, stats, (lambda t: gather_whole(t, params)) if slots is not None else None)
     if ctx.is_main:  # rank 0 writes; the others wait for it and leave
@@ -167,6 +173,19 @@ def main(cfg: ScoreConfig) -> int:
                                                   "world_size": ctx.world_size, "t_start": t_start})
     dist.barrier()
     return 0
+
+
+def tensor_bytes(groups: list[dict[str, torch.Tensor] | None]) -> int:
+    """Bytes of the per-parameter statistics this process holds (each dict maps names to its tensors; under
+    ``--sharding fsdp``, to this rank's rows); a tensor reachable twice (u and its slot) counts once."""
+    seen = {(t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size() for g in groups if g for t in g.values()}
+    return sum(seen.values())
+
+
+def per_rank(value: int) -> list[int]:
+    """[value of rank 0, value of rank 1, ...] on every rank (a collective; [value] in one process)."""
+    world, me = dist.world_size(), dist.rank()
+    return [int(x) for x in dist.all_reduce_sum([float(value) if r == me else 0.0 for r in range(world)])]
 
 
 def identity_totals(u: dict[str, torch.Tensor], G: dict[str, torch.Tensor], phi: dict[str, torch.Tensor],
@@ -368,6 +387,8 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "sum_data": float(rows["scores"].sum()),  # Σ ⟨u, g_n⟩ (the INNER scores, whatever --data-score ranks)
         # Σ_n ⟨u_R, g_n⟩ = Σ_{j∈R} φ_param_j: equals sum_param when --data-params all
         "sum_param_rows": totals["sum_param_rows"],
+        # v_new, v_prior, c, G, u, v, φ_param (and the u slots under fsdp) as each rank holds them
+        "statistics_bytes_per_rank": totals["statistics_bytes_per_rank"],
         "score_tokens": cfg.score_tokens, "data_score": cfg.data_score, "target_gradient": cfg.target_gradient,
         "precondition": cfg.precondition, "data_params": cfg.data_params,
         **target_norm_summary(stats.get("target_norms")),

@@ -68,9 +68,11 @@ class ScoreConfig(CommonConfig):
                              "[batch, length, vocab] logits); 0 = full logits. Same v_prior up to float rounding")
     checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
                                 "so a rerun resumes after a kill (0: off)")
-    sharding: Literal["none", "fsdp"] = opt("none", "fsdp: shard θw, the teacher θ0 and every statistic (v, c, G, u, "
-                                            "φ_param) across the torchrun processes with FSDP2; each layer's u is "
-                                            "gathered with its weights for the row scores (--method ghost only)")
+    sharding: Literal["auto", "none", "fsdp"] = opt(
+        "auto", "fsdp: shard θw, the teacher θ0 and every statistic (v, c, G, u, φ_param) across the torchrun "
+        "processes with FSDP2; each layer's u is gathered with its weights for the row scores (--method ghost "
+        "only); none: data parallel, every rank holds everything; auto (default): fsdp with more than one "
+        "process for --method ghost without --loss-chunk, else none")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,11 +91,17 @@ class ScoreConfig(CommonConfig):
         require(self.precondition in ("none", "adam", "adam-step"), "precondition", self.precondition,
                 "use none, adam or adam-step")
         require(self.data_params in ("all", "linear"), "data-params", self.data_params, "use all or linear")
-        require(self.sharding in ("none", "fsdp"), "sharding", self.sharding, "use none or fsdp")
+        require(self.sharding in ("auto", "none", "fsdp"), "sharding", self.sharding, "use auto, none or fsdp")
         require(not (self.sharding == "fsdp" and self.method != "ghost"), "method", self.method,
                 "--sharding fsdp scores rows with --method ghost only")
         require(not (self.sharding == "fsdp" and self.loss_chunk), "loss-chunk", self.loss_chunk,
                 "--sharding fsdp runs the whole model through FSDP's hooks: use --loss-chunk 0")
+
+    def scoring_blocker(self) -> str | None:
+        """Why this scoring run cannot shard with FSDP2 (``--sharding auto`` then runs data parallel), or None."""
+        if self.method != "ghost":
+            return f"--method {self.method}"
+        return "--loss-chunk" if self.loss_chunk else None
         require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
                 "cosine needs per-example gradient norms: use --method ghost (default) or exact")
 

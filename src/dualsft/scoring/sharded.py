@@ -70,6 +70,15 @@ class DirectionSlots(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.slot)
 
+    def local_shards(self) -> dict[str, torch.Tensor]:
+        """This rank's rows of every slot (what it holds between the layers' gathers)."""
+        return {n: dist.local_tensor(getattr(box, attr)) for n, (box, attr) in self.slot.items()}
+
+    def shared_rows(self, u_local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The slots' rows to use in place of ``u_local``'s own copies, where the dtypes agree (float32 weights;
+        bf16 weights keep a float32 u for φ_param and a bf16 copy for the gathers)."""
+        return {n: t for n, t in self.local_shards().items() if t.dtype == u_local[n].dtype}
+
     @torch.no_grad()
     def load(self, u_local: Mapping[str, torch.Tensor]) -> None:
         """Write this rank's rows of u (shaped like the parameters' local shards) into the slots."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +44,7 @@ from dualsft.runs import build_metadata, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, chained_epoch_order, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, RESULT_NEUTRAL, Reporter, ReportTo, make_reporter
-from dualsft.training.sharded import load_stage_model
+from dualsft.training.sharded import load_stage_model, resolve_sharding, training_blocker
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,11 @@ class WarmupConfig(CommonConfig):
     report_to: ReportTo = opt("none", REPORT_TO_HELP)
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
                                               "(non-reentrant): less activation memory, the same θw and c")
-    sharding: Literal["none", "fsdp"] = opt("none", "fsdp: shard θ and AdamW's moments (so c) across the torchrun "
-                                                  "processes with PyTorch FSDP2; θw and c are gathered tensor by "
-                                                  "tensor onto rank 0 to be written (docs/scaling.md §4b)")
+    sharding: Literal["auto", "none", "fsdp"] = opt("auto", "fsdp: shard θ and AdamW's moments (so c) across the "
+                                                    "torchrun processes with PyTorch FSDP2; θw and c are gathered "
+                                                    "tensor by tensor onto rank 0 to be written (docs/scaling.md "
+                                                    "§4b); none: data parallel; auto (default): fsdp with more than "
+                                                    "one process unless --loss-chunk is set")
     loss_chunk: int = opt(0, "LM head + cross-entropy on the response positions only, N at a time, recomputed "
                              "in the backward (no [batch, length, vocab] logits); 0 = full logits")
 
@@ -117,6 +119,7 @@ def main(cfg: WarmupConfig) -> int:
     t0 = time.time()
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size)  # before anything is written
     ctx = dist.dist_context(cfg.device)
+    cfg = replace(cfg, sharding=resolve_sharding(cfg.sharding, training_blocker("full", cfg.loss_chunk)))
     out = Path(cfg.run_dir) / "warmup"
     reporter = make_reporter(cfg.report_to, out / "tensorboard")  # a missing tensorboard fails before any work
     tokenizer = load_tokenizer(cfg.model)

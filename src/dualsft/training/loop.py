@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +45,7 @@ from dualsft.models import gradient_checkpointing
 from dualsft.training.checkpoint import load_checkpoint, save_checkpoint
 from dualsft.training.optim import AdamWHyper, DenseAdamW, SparseAdamW, Updater
 from dualsft.training.reporting import NullReporter, Reporter, scalars_of
+from dualsft.training.sharded import resolve_sharding, training_blocker
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ class TrainSettings:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer's "
                                          "activations in the backward (non-reentrant): less activation memory, "
                                          "about one more forward of compute, the same gradients"})
-    sharding: Literal["none", "fsdp"] = field(default="none", metadata={"help": "fsdp: shard the weights across "
+    sharding: Literal["auto", "none", "fsdp"] = field(default="auto", metadata={"help": "auto: fsdp under torchrun "
+                                              "with more than one process for --method sparse and full, else none; "
+                                              "fsdp: shard the weights across "
                                               "the torchrun processes with PyTorch FSDP2 (fully_shard per decoder "
                                               "layer); --method sparse keeps optimizer state only for the mask's "
                                               "entries in the rank's own rows, --method full shards AdamW's moments "
@@ -208,14 +211,7 @@ def check_settings(settings: TrainSettings) -> None:
         raise ConfigError(f"unknown --method {settings.method!r}; use one of {sorted(DEFAULT_LR)}")
     if settings.loss_chunk < 0:
         raise ConfigError(f"--loss-chunk must be >= 0 (0 = full logits), got {settings.loss_chunk}")
-    if settings.sharding not in ("none", "fsdp"):
-        raise ConfigError(f"--sharding must be none or fsdp, got {settings.sharding!r}")
-    if settings.sharding == "fsdp" and settings.method not in ("sparse", "full"):
-        raise ConfigError(f"--sharding fsdp is implemented for --method sparse and full (and the warm-up), not "
-                          f"{settings.method}; use --sharding none (data parallel) for it")
-    if settings.sharding == "fsdp" and settings.loss_chunk:
-        raise ConfigError("--loss-chunk calls the decoder and the LM head apart, which FSDP's root gathering does "
-                          "not see: use --loss-chunk 0 with --sharding fsdp")
+    resolve_sharding(settings.sharding, training_blocker(settings.method, settings.loss_chunk))  # raises if unusable
 
 
 def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
@@ -319,6 +315,8 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         TrainResult (``completed`` False if stopped early).
     """
     check_settings(settings)
+    settings = replace(settings, sharding=resolve_sharding(settings.sharding,
+                                                           training_blocker(settings.method, settings.loss_chunk)))
     if not examples:
         raise ConfigError("no training examples")
     loss_fn = loss_fn if loss_fn is not None else training_loss(settings.loss_chunk)

@@ -21,6 +21,7 @@ run's (it resumes under either). Entries outside the mask are never written: the
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -29,6 +30,38 @@ import torch
 from dualsft import distributed as dist
 from dualsft.errors import ConfigError
 from dualsft.training.optim import DenseAdamW, SparseAdamW, clip_coefficient
+
+log = logging.getLogger(__name__)
+SHARDINGS = ("auto", "none", "fsdp")
+SHARDING_HELP = ("auto (default): fsdp under torchrun with more than one process when the run supports it, else "
+                 "none; fsdp: shard the weights (and optimizer state / statistics) across the processes with "
+                 "PyTorch FSDP2 (docs/scaling.md §4b); none: every rank holds the whole model (data parallel)")
+
+
+def resolve_sharding(requested: str, blocker: str | None = None) -> str:
+    """The sharding a stage runs with: "none" or "fsdp". "auto" is fsdp when torchrun started more than one
+    process, unless ``blocker`` (why this run cannot shard, e.g. "--method lora") is given: then data
+    parallel ("none", logged once). An explicit "fsdp" with a ``blocker`` raises ConfigError."""
+    if requested not in SHARDINGS:
+        raise ConfigError(f"--sharding must be one of {SHARDINGS}, got {requested!r}")
+    if requested == "fsdp" and blocker:
+        raise ConfigError(f"--sharding fsdp does not support {blocker}; use --sharding none (data parallel)")
+    if requested != "auto":
+        return requested
+    if dist.env_world()[1] <= 1:
+        return "none"
+    if blocker:
+        if dist.env_world()[0] == 0:
+            log.info("--sharding auto: data parallel (FSDP2 does not support %s)", blocker)
+        return "none"
+    return "fsdp"
+
+
+def training_blocker(method: str, loss_chunk: int) -> str | None:
+    """Why a warm-up (method "full") or training run cannot run under FSDP2, or None."""
+    if method not in ("sparse", "full"):
+        return f"--method {method}"
+    return "--loss-chunk (it calls the decoder and the head apart from FSDP's root hooks)" if loss_chunk else None
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

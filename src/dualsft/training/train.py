@@ -35,7 +35,7 @@ from dualsft.training.delta import DELTA_FILE, LORA_DIR, delta_from_values, extr
 from dualsft.training.loop import NEUTRAL_SETTINGS, TrainResult, TrainSettings, resolved_lr, train_restricted
 from dualsft.training.reporting import REPORT_TO_HELP, ReportTo, make_reporter
 from dualsft.training.reporting import RESULT_NEUTRAL as REPORTING
-from dualsft.training.sharded import load_stage_model
+from dualsft.training.sharded import load_stage_model, resolve_sharding, training_blocker
 
 HELP = "fine-tune the base model on the selected subset, updating only the selected parameter entries"
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def main(cfg: TrainConfig) -> int:
     from dualsft.selection.mask import check_mask_matches, compact_indices, load_mask
 
     ctx = dist.dist_context(cfg.device)
+    cfg = dataclasses.replace(cfg, sharding=resolve_sharding(cfg.sharding, training_blocker(cfg.method, cfg.loss_chunk)))
     data_path, mask_path, out = resolve_paths(cfg)
     reporter = make_reporter(cfg.report_to, out / "tensorboard")  # a missing tensorboard fails before any work
     rcfg = resolve_config(cfg, data_path, mask_path)
