@@ -68,6 +68,9 @@ class ScoreConfig(CommonConfig):
                              "[batch, length, vocab] logits); 0 = full logits. Same v_prior up to float rounding")
     checkpoint_every: int = opt(50, "save each pass's partial sums every N batches to RUN/scores/progress/, "
                                 "so a rerun resumes after a kill (0: off)")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward of "
+                                              "every pass (non-reentrant, the model stays in eval mode): less "
+                                              "activation memory, the same scores; --method ghost or exact")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +91,11 @@ class ScoreConfig(CommonConfig):
         require(self.data_params in ("all", "linear"), "data-params", self.data_params, "use all or linear")
         require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
                 "cosine needs per-example gradient norms: use --method ghost (default) or exact")
+        # jvp's dual-number forward saves tensors that a recompute in the backward (outside the dual level)
+        # does not save again: torch.utils.checkpoint raises CheckpointError (tried: order 1 with G)
+        require(not (self.gradient_checkpointing and self.method == "jvp"), "method", self.method,
+                "--gradient-checkpointing cannot recompute --method jvp's forward-mode (dual-number) pass: use "
+                "--method ghost (default) or exact, or drop the flag")
 
 
 @dataclass(frozen=True)
