@@ -28,8 +28,9 @@ What is counted (bytes; P parameters, k = --k-fraction·P selected entries, N = 
     activations          ROUGH: B × T × layers × (6h + 2·kv + 4·I) × act bytes (no checkpointing), plus
                          eager attention probabilities B × heads × T² × act bytes per layer, plus the
                          logits B × T × V × 10 bytes (bf16 logits, fp32 log-softmax and its gradient);
-                         --gradient-checkpointing (warm-up and training only): B × T × layers × h × act
-                         bytes (each layer's input) + one layer's full activations + the logits;
+                         --gradient-checkpointing (warm-up, training, and scoring with --method ghost or
+                         exact, `dualsft score --gradient-checkpointing`; jvp refuses it): B × T × layers ×
+                         h × act bytes (each layer's input) + one layer's full activations + the logits;
                          --loss-chunk C (warm-up and training only): the logits term is one chunk's,
                          min(C, B·T) × V × 10 bytes, instead of B × T × V × 10
 Real peaks add the CUDA context (~0.5–1 GiB), allocator fragmentation and framework buffers.
@@ -84,9 +85,10 @@ class EstimateConfig:
     attention: Literal["eager", "sdpa"] = opt("sdpa", "attention kernel of scoring: sdpa (--method ghost or "
                                              "exact, the default) keeps no probabilities; eager (--method jvp) "
                                              "stores B·heads·T² per layer")
-    gradient_checkpointing: bool = opt(False, "warm-up and training with --gradient-checkpointing: only each "
-                                              "layer's input is kept, one layer's activations at a time (scoring "
-                                              "does not checkpoint)")
+    gradient_checkpointing: bool = opt(False, "warm-up, training and scoring with --gradient-checkpointing: "
+                                              "only each layer's input is kept, one layer's activations at a time "
+                                              "(scoring: with --attention sdpa, i.e. --method ghost or exact; "
+                                              "jvp refuses the flag)")
     loss_chunk: int = opt(0, "warm-up and training with --loss-chunk C: the logits of C positions at a time "
                              "instead of the whole batch's (0: full logits)")
     json: bool = opt(False, "print JSON instead of a table")
@@ -167,7 +169,8 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     """{stage: {component: bytes per rank}} for warm-up, score, sparse/full/LoRA training."""
     wb, P, N = DTYPE_BYTES[cfg.weights_dtype], m.params, cfg.world_size
     share = {"replicated": 1.0, "sharded": 1.0 / N, "offload": 0.0}[cfg.stats]
-    acts = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, cfg.attention == "eager")
+    eager = cfg.attention == "eager"  # scoring with --method jvp, which refuses --gradient-checkpointing
+    acts = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, eager, cfg.gradient_checkpointing and not eager)
     acts_score = acts
     acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False, cfg.gradient_checkpointing,
                                  cfg.loss_chunk)
@@ -219,10 +222,15 @@ def render(m: ModelDims, cfg: EstimateConfig, stages: dict[str, dict[str, int]])
     for stage, parts in stages.items():
         detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
         lines.append(f"  {stage:<50s} {sum(parts.values()) / GIB:8.1f}   ({detail})")
-    lines.append("activations are rough (" + ("warm-up/training checkpointed, scoring not" if cfg.gradient_checkpointing
+    lines.append("activations are rough (" + (checkpointed_stages(cfg) if cfg.gradient_checkpointing
                  else "no checkpointing") + (f"; warm-up/training logits {cfg.loss_chunk} positions at a time"
                                              if cfg.loss_chunk else "") + "); add ~1 GiB CUDA context and allocator slack")
     return "\n".join(lines)
+
+
+def checkpointed_stages(cfg: EstimateConfig) -> str:
+    """Which stages the activation estimate checkpoints: all, but scoring only without eager attention (jvp)."""
+    return "warm-up/training checkpointed, scoring not (jvp)" if cfg.attention == "eager" else "every stage checkpointed"
 
 
 def main(cfg: EstimateConfig) -> int:

@@ -185,6 +185,56 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
             inner.disable_input_require_grads()  # transformers leaves it installed outside peft
 
 
+@contextlib.contextmanager
+def checkpointed_layers(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing that leaves the model's mode alone: inside the block every decoder layer of
+    ``model`` (a transformers model, or a peft model around one) runs under non-reentrant
+    ``torch.utils.checkpoint`` whenever autograd records, in eval mode too. Its activations are dropped after
+    the forward and recomputed in the backward; the gradients are the same. ``enabled=False`` does nothing.
+
+    Why not ``gradient_checkpointing`` (warm-up, training): transformers checkpoints a layer only in train mode
+    (``GradientCheckpointingLayer``: ``self.gradient_checkpointing and self.training``), and train mode also
+    turns dropout on. Scoring must differentiate the eval-mode function (no dropout: examples independent,
+    deterministic), and switching a model to train mode because its dropout happens to be 0 does not hold in
+    general. So each ``GradientCheckpointingLayer`` gets an instance-level ``forward`` that calls its own
+    forward through ``checkpoint(..., use_reentrant=False)``; the instance attribute is removed on exit (the
+    class's forward is untouched). Module hooks of the layer's children run again in the recompute (the
+    ghost capture is built for that: scoring/ghost.py). The scoring passes call the model with
+    ``use_cache=False``, so the recompute updates no cache.
+
+    Raises ConfigError for a model without such layers (nothing transformers can checkpoint).
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in base_lm(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(f"--gradient-checkpointing: {type(base_lm(model)).__name__} has no decoder layer that "
+                          "transformers can checkpoint; drop the flag")
+    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward set by someone else
+
+    def recomputed(forward: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():  # nothing to recompute for (e.g. the teacher under no_grad)
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    for layer in layers:
+        layer.forward = recomputed(layer.forward)
+    try:
+        yield
+    finally:
+        for layer, own in zip(layers, saved):
+            del layer.forward
+            if own is not None:
+                layer.forward = own
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short, dtype-independent hash of the weights: names, shapes and a float64 checksum per tensor.
 

@@ -164,7 +164,8 @@ def test_fsdp_warmup_matches_one_process(score_inputs, tmp_path):
     three = tmp_path / "three"
     copy_stage(two, three, "warmup")
     assert cli(_score_args(d, two, "pool9", *variant)) == 0  # θw and c of the sharded run score
-    run_torchrun(["-m", "dualsft", *_score_args(d, three, "pool9", *variant, "--sharding", "fsdp")])
+    run_torchrun(["-m", "dualsft", *_score_args(d, three, "pool9", *variant, "--sharding", "fsdp",
+                                                "--gradient-checkpointing")])  # checkpointed FSDP layers too
     summary = read_json(three / "scores" / "summary.json")
     assert summary["sharding"] == "fsdp" and summary["world_size"] == 2
     assert summary["passes"] == ["target_norms", "target", "anchor", "pool_G", "pool_rows"]

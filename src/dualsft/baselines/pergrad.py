@@ -5,12 +5,12 @@ For a linear map o_t = W a_t + b (nn.Linear, W [out, in]) the gradient of exampl
     g_n(W) = Σ_t e_{n,t} a_{n,t}ᵀ      e = ∂l_n/∂o  [B, T, out],  a = layer input [B, T, in]
     g_n(b) = Σ_t e_{n,t}
 
-(GPT-2's Conv1D stores W as [in, out]: g_n(W) = Σ_t a_{n,t} e_{n,t}ᵀ). A forward hook keeps a; a hook on
-the layer output receives e (rows of ∂(Σ_n l_n)/∂o are exactly ∂l_n/∂o because examples do not interact in
-eval mode) and hands ``einsum('bto,bti->boi', e, a)`` [B, *W.shape] to a callback, which must reduce it
-(precondition + project) before the next layer's arrives: at most one layer's per-example gradients exist
-at a time. The capture is scoring/ghost.py's ``tapped`` (the same per-layer hooks as the ghost row
-scorer). The weights are frozen for the pass (embedding outputs become the differentiable leaves), so
+(GPT-2's Conv1D stores W as [in, out]: g_n(W) = Σ_t a_{n,t} e_{n,t}ᵀ). An identity autograd node on the
+layer output saves a and, in the backward, receives e (rows of ∂(Σ_n l_n)/∂o are exactly ∂l_n/∂o because
+examples do not interact in eval mode) and hands ``einsum('bto,bti->boi', e, a)`` [B, *W.shape] to a
+callback, which must reduce it (precondition + project) before the next layer's arrives: at most one layer's
+per-example gradients exist at a time. The capture is scoring/ghost.py's ``tapped`` (the same per-layer
+capture as the ghost row scorer). The weights are frozen for the pass (embedding outputs become the differentiable leaves), so
 the backward computes activation gradients only, never a dense weight gradient.
 
 Covered: nn.Linear and transformers' Conv1D whose weight is not shared with an embedding (a tied LM head's
@@ -59,7 +59,8 @@ def backward_per_example(model: torch.nn.Module, inputs: Batch, layers: Sequence
     receives each parameter's per-example gradients [B, *shape] during the backward. Returns l [B] (detached).
 
     Raises ConfigError if a featurised layer runs twice in one forward (its per-example gradient would
-    arrive in parts, and the callback's preconditioning is nonlinear).
+    arrive in parts, and the callback's preconditioning is nonlinear); the check counts the gradients that
+    arrive in the backward, so a gradient-checkpointing recompute (models.checkpointed_layers) does not trip it.
     """
     taps = [Tap(ly.module, _reporter(ly, callback), once=True, name=ly.module_name) for ly in layers]
     with frozen_with_leaf_embeddings(model) as leaves, tapped(taps, int(inputs["input_ids"].shape[0])):

@@ -1,9 +1,11 @@
 """Ghost inner products: ⟨u, g_n⟩ for every example n inside ONE batched backward (docs/method.md §4).
 
 The per-layer capture ``tapped`` (shared with the LESS baseline's per-example gradients, baselines/pergrad.py):
-for each tapped module a forward hook keeps the module input a and hooks the output tensor; when the
-backward reaches it, the tap receives e = ∂(Σ_n l_n)/∂output, whose rows for example n are exactly
-∂l_n/∂output (examples do not interact in eval mode). The per-example inner product
+for each tapped module a forward hook passes the output through an identity autograd node (``_Capture``)
+that saves the module input a; when the backward reaches it, the tap receives a and e = ∂(Σ_n l_n)/∂output,
+whose rows for example n are exactly ∂l_n/∂output (examples do not interact in eval mode). Because a is a
+saved tensor of the graph, ``--gradient-checkpointing`` (models.checkpointed_layers) drops and recomputes
+it with the layer's other activations. The per-example inner product
 with the direction U (u restricted to that parameter) is then, summed over tokens t:
 
     Linear  (o = a Wᵀ + b, W [out, in]):   Σ_t e_tᵀ U a_t  +  Σ_t e_t·u_b
@@ -64,7 +66,8 @@ class Tap:
     """One module whose (input a, output gradient e) the backward hands to ``on_grad(a, e)``.
 
     ``prepare(a, y)`` (optional) maps the input and the detached output to what ``on_grad`` receives as a,
-    at forward time; ``once`` refuses a module that runs twice in one forward (``name`` says which)."""
+    at forward time; ``once`` refuses a module whose gradient arrives twice in one backward, i.e. one used
+    twice in one forward (``name`` says which)."""
 
     module: torch.nn.Module
     on_grad: Callable[[torch.Tensor, torch.Tensor], None]
@@ -73,31 +76,59 @@ class Tap:
     name: str = ""
 
 
+class _Capture(torch.autograd.Function):
+    """Identity on a module output y that SAVES the module input a (ctx.save_for_backward) and, in the
+    backward, hands (a, e = ∂L/∂y) to ``on_grad`` before passing e on unchanged.
+
+    Saved rather than held by a Python closure, a is an activation like any other: without checkpointing it
+    lives until the backward (as the closure did); under non-reentrant gradient checkpointing
+    (models.checkpointed_layers) it is discarded after the forward and recomputed in the backward. The
+    recompute runs the forward hooks again, which build a second _Capture on the recomputed output: that one
+    only saves the recomputed a for the original node, and its own backward never runs."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, a: torch.Tensor, on_grad: Callable) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.on_grad = on_grad
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, e: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (a,) = ctx.saved_tensors
+        ctx.on_grad(a, e.detach())
+        return e, None, None
+
+
 @contextmanager
 def tapped(taps: Sequence[Tap], batch_size: int) -> Iterator[None]:
-    """Install the capture hooks of ``taps`` for one forward + backward of a batch of ``batch_size``.
+    """Install the capture of ``taps`` for one forward + backward of a batch of ``batch_size``.
 
     a: module input [B, ..., in] (detached); e: ∂(Σ_n l_n)/∂output [B, ..., out]. An output shared across
     the batch ([1, ...], GPT-2's position embedding of [1, T] position ids) is expanded to B copies first:
-    broadcasting would otherwise SUM the examples' gradients."""
-    calls: dict[int, int] = {}
+    broadcasting would otherwise SUM the examples' gradients. A forward hook wraps each output in
+    ``_Capture`` (so gradient checkpointing recomputes a like any activation). ``once`` counts the gradients
+    that ARRIVE per module, not forward calls: a recompute calls the hooks again, but only the original
+    forward's captures are on the backward's path."""
+    arrivals: dict[int, int] = {}
 
     def hook_for(tap: Tap) -> Callable:
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            calls[id(module)] = calls.get(id(module), 0) + 1
-            if tap.once and calls[id(module)] > 1:
+        def on_grad(a: torch.Tensor, e: torch.Tensor) -> None:
+            arrivals[id(tap.module)] = arrivals.get(id(tap.module), 0) + 1
+            if tap.once and arrivals[id(tap.module)] > 1:
                 raise ConfigError(f"layer {tap.name!r} runs twice in one forward; per-example gradient "
                                   "featurisation needs each layer used once (exclude it)")
+            tap.on_grad(a, e)
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if not output.requires_grad:  # nothing upstream needs a gradient: no per-example term either
                 return None
-            a, ret = inputs[0].detach(), None
+            a = inputs[0].detach()
             if output.shape[0] == 1 < batch_size:
-                ret = output = output.expand(batch_size, *output.shape[1:])
+                output = output.expand(batch_size, *output.shape[1:])
                 a = a.expand(batch_size, *a.shape[1:])
             if tap.prepare is not None:
                 a = tap.prepare(a, output.detach())
-            output.register_hook(lambda e: tap.on_grad(a, e.detach()))
-            return ret
+            return _Capture.apply(output, a, on_grad)
 
         return hook
 

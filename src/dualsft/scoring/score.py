@@ -15,6 +15,11 @@ Passes (each with a progress bar in examples/s; wall time recorded):
     (1−β2)v²) + ε) (the step v itself would take, as LESS simulates it); --data-params linear: the row
     pass uses u on the linear layers only (φ_data = ⟨u_R, g_n⟩; summary.json's sum_param_rows = Σ_R φ_param)
 Every pass runs on scoring/passes.py; u and φ_param are dualsft/method.py's.
+--gradient-checkpointing: every pass (target_norms, target, anchor, pool / pool_G, pool_rows) runs the model with
+its decoder layers under non-reentrant checkpointing, still in eval mode (``models.checkpointed_layers``): each
+layer keeps only its input in the forward and recomputes the rest in the backward. The ghost capture saves its
+inputs as autograd tensors, so they are recomputed too (scoring/ghost.py). Same scores (result-neutral: a
+rerun may toggle it); about one more forward per backward. --method ghost or exact (jvp is refused).
 Data parallel (``torchrun --nproc_per_node N -m dualsft score ...``): the target, anchor and pool examples
 are sharded across ranks (``dualsft.distributed.shard``); v_new, v_prior and G are all-reduced as SUMS and
 only then divided by the GLOBAL |V| and Σw; row scores are gathered back into pool order; rank 0 writes.
@@ -58,7 +63,7 @@ from dualsft.method import (
     param_scores,
     restrict,
 )
-from dualsft.models import load_tokenizer, model_fingerprint
+from dualsft.models import checkpointed_layers, load_tokenizer, model_fingerprint
 from dualsft.runs import build_metadata, portable_path, prepare_stage_dir
 from dualsft.scoring.data import load_split, sample_positions
 from dualsft.scoring.layers import linear_weight_names
@@ -77,8 +82,10 @@ log = logging.getLogger(__name__)
 HELP = "dual scores at θw: φ_param = u⊙G per parameter entry and φ_data = ⟨u, g_n⟩ per pool example"
 FILES = {"param_scores": "param_scores.safetensors", "data_scores": "data_scores.jsonl", "u": "u.safetensors",
          "v": "v.safetensors", "grad_sum": "grad_sum.safetensors", "summary": "summary.json"}
-# options that never change the scores (loss_chunk: up to float rounding): a rerun may change them
-RESULT_NEUTRAL = ("config.checkpoint_every", "config.loss_chunk", "config.sharding")
+# options that never change the scores (loss_chunk: up to float rounding; gradient_checkpointing: recomputes the
+# same activations; sharding: the order of float sums): a rerun may change them
+RESULT_NEUTRAL = ("config.checkpoint_every", "config.loss_chunk", "config.gradient_checkpointing",
+                  "config.sharding")
 ANCHOR_SEED_OFFSET = 1  # the anchor slice uses seed+1 so it differs from the warm-up slice of the same seed
 ROWS = ("scores", "losses")  # the per-example rows of a pool pass: φ_data[n] and l_n
 
@@ -121,45 +128,47 @@ def main(cfg: ScoreConfig) -> int:
                   progress_dir=inp.out / PROGRESS_DIR if cfg.checkpoint_every > 0 else None,
                   every=cfg.checkpoint_every, presummed=set(params) if slots is not None else ())
 
-    v_new, target_norms = target_direction(cfg, model, params, inp.target, run, acc_dtype)
-    anchors = anchor_positions(cfg, inp, skipped)
-    v_prior = None
-    if anchors:  # v_prior = τ²Σw∇KL ÷ Z(global Σw)
-        base = load_stage_model(cfg.model, cfg.dtype, cfg.device, "sdpa", cfg.sharding)
-        if slots is not None:
-            shard_model(base)  # the teacher θ0 sharded like the student: no rank holds a second whole model
-        prior_sums = run("anchor", [inp.pool[i] for i in anchors], prior_step(model, base, params, cfg.tau,
-                         cfg.confidence, cfg.loss_chunk), prior_accumulators(params, acc_dtype)).sums
-        v_prior = normalise_prior(*split_prior_sums(prior_sums), cfg.prior_normalisation)
-        del base
-    for s in skipped:
-        log.info("skipped %s", s)
+    # --gradient-checkpointing: every pass below recomputes the decoder layers in its backward (eval mode kept)
+    with checkpointed_layers(model, cfg.gradient_checkpointing):
+        v_new, target_norms = target_direction(cfg, model, params, inp.target, run, acc_dtype)
+        anchors = anchor_positions(cfg, inp, skipped)
+        v_prior = None
+        if anchors:  # v_prior = τ²Σw∇KL ÷ Z(global Σw)
+            base = load_stage_model(cfg.model, cfg.dtype, cfg.device, "sdpa", cfg.sharding)
+            if slots is not None:
+                shard_model(base)  # the teacher θ0 sharded like the student: no rank holds a second whole model
+            prior_sums = run("anchor", [inp.pool[i] for i in anchors], prior_step(model, base, params, cfg.tau,
+                             cfg.confidence, cfg.loss_chunk), prior_accumulators(params, acc_dtype)).sums
+            v_prior = normalise_prior(*split_prior_sums(prior_sums), cfg.prior_normalisation)
+            del base
+        for s in skipped:
+            log.info("skipped %s", s)
 
-    cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
-    rows = ROWS + (("sq_norms",) if cosine else ())
-    adam = cfg.precondition  # none, or u for one Adam step: P per parameter (method.adam_scale / adam_step_scale)
+        cosine = cfg.data_score == "cosine"  # the pool row pass also gives ‖g_n‖² (scoring/norms.py)
+        rows = ROWS + (("sq_norms",) if cosine else ())
+        adam = cfg.precondition  # none, or u for one Adam step: P per parameter (method.adam_scale / adam_step_scale)
 
-    def directions(u: dict[str, torch.Tensor]) -> Any:  # what the row pass reads u from
-        if slots is None:
-            return restrict(u, R)
-        slots.load(restrict(u, R))
-        u.update(slots.shared_rows(u))  # the slots hold u's rows: u reads them instead of keeping a copy
-        return slots
+        def directions(u: dict[str, torch.Tensor]) -> Any:  # what the row pass reads u from
+            if slots is None:
+                return restrict(u, R)
+            slots.load(restrict(u, R))
+            u.update(slots.shared_rows(u))  # the slots hold u's rows: u reads them instead of keeping a copy
+            return slots
 
-    if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
-        u, v, norms = combine_u(v_new, v_prior, None, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, adam)
-        v_new = v_prior = None  # folded into v: not held through the pool pass
-        pool = run("pool", inp.pool, row_step(model, directions(u), cfg.method, grad_sum=True, norms=cosine),
-                   row_accumulators(model, True, acc_dtype), row_names=rows)
-        G = pool.sums
-    else:  # G = Σ_n g_n over the whole pool first; then u = ηv − ½η²c⊙G; then φ_data = ⟨u, g_n⟩
-        G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
-        warn_missing_curvature(v_new, inp.c)
-        u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, adam)
-        v_new = v_prior = None
-        pool = run("pool_rows", inp.pool, row_step(model, directions(u), cfg.method, norms=cosine), {},
-                   row_names=rows)
-    phi = param_scores(u, G)
+        if cfg.order == 1:  # G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
+            u, v, norms = combine_u(v_new, v_prior, None, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 1, adam)
+            v_new = v_prior = None  # folded into v: not held through the pool pass
+            pool = run("pool", inp.pool, row_step(model, directions(u), cfg.method, grad_sum=True, norms=cosine),
+                       row_accumulators(model, True, acc_dtype), row_names=rows)
+            G = pool.sums
+        else:  # G = Σ_n g_n over the whole pool first; then u = ηv − ½η²c⊙G; then φ_data = ⟨u, g_n⟩
+            G = run("pool_G", inp.pool, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
+            warn_missing_curvature(v_new, inp.c)
+            u, v, norms = combine_u(v_new, v_prior, G, inp.c, cfg.eta, cfg.lambda_new, cfg.lambda_prior, 2, adam)
+            v_new = v_prior = None
+            pool = run("pool_rows", inp.pool, row_step(model, directions(u), cfg.method, norms=cosine), {},
+                       row_names=rows)
+        phi = param_scores(u, G)
     totals = identity_totals(u, G, phi, R)
     if slots is not None:  # every rank holds its rows: add the ranks' partial sums (norms: their squares)
         totals = dict(zip(totals, dist.all_reduce_sum(list(totals.values()))))

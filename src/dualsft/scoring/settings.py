@@ -73,6 +73,9 @@ class ScoreConfig(CommonConfig):
         "processes with FSDP2; each layer's u is gathered with its weights for the row scores (--method ghost "
         "only); none: data parallel, every rank holds everything; auto (default): fsdp with more than one "
         "process for --method ghost without --loss-chunk, else none")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward of "
+                                              "every pass (non-reentrant, the model stays in eval mode): less "
+                                              "activation memory, the same scores; --method ghost or exact")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,14 +99,19 @@ class ScoreConfig(CommonConfig):
                 "--sharding fsdp scores rows with --method ghost only")
         require(not (self.sharding == "fsdp" and self.loss_chunk), "loss-chunk", self.loss_chunk,
                 "--sharding fsdp runs the whole model through FSDP's hooks: use --loss-chunk 0")
+        require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
+                "cosine needs per-example gradient norms: use --method ghost (default) or exact")
+        # jvp's dual-number forward saves tensors that a recompute in the backward (outside the dual level)
+        # does not save again: torch.utils.checkpoint raises CheckpointError (tried: order 1 with G)
+        require(not (self.gradient_checkpointing and self.method == "jvp"), "method", self.method,
+                "--gradient-checkpointing cannot recompute --method jvp's forward-mode (dual-number) pass: use "
+                "--method ghost (default) or exact, or drop the flag")
 
     def scoring_blocker(self) -> str | None:
         """Why this scoring run cannot shard with FSDP2 (``--sharding auto`` then runs data parallel), or None."""
         if self.method != "ghost":
             return f"--method {self.method}"
         return "--loss-chunk" if self.loss_chunk else None
-        require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
-                "cosine needs per-example gradient norms: use --method ghost (default) or exact")
 
 
 @dataclass(frozen=True)
