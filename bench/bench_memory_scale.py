@@ -21,7 +21,8 @@ a rough formula, so read the ratio, not the bytes. The workers run with MALLOC_M
 run_case): glibc otherwise keeps freed large blocks, and FSDP's per-layer gather/free cycles then inflate RSS
 far beyond what is allocated.
 ``--gradient-checkpointing off|on|both`` runs every case without, with, or both ways (the stages' own flag;
-for `dualsft score` every pass: target, anchor, pool_G, pool_rows), and ``both`` prints the two side by side.
+for `dualsft score` every pass: target, anchor, pool_G, pool_rows; scored with the paper's formula,
+dualsft.config.PAPER_SCORE, as the recorded results were), and ``both`` prints the two side by side.
 The score stage also reports each pass's own peak (the peak is reset as each pass starts). ``--full-length``
 makes every record longer than ``--seq-len`` so that each is truncated to exactly T tokens (the default
 records fill about 0.6 T). A score-only run first makes the warm-up it scores at (not measured).
@@ -109,6 +110,7 @@ def prepare(work: Path, pool: int, seq_len: int, name: str, full_length: bool = 
 def stage_config(stage: str, work: Path, run: Path, args: argparse.Namespace, sharding: str, ckpt: bool = False):
     """The stage's config: B = --batch per forward/backward, T = --seq-len, float32, CPU; ``ckpt``: the stage's
     --gradient-checkpointing."""
+    from dualsft.config import PAPER_SCORE
     from dualsft.scoring import score, warmup
     from dualsft.training import train
 
@@ -119,9 +121,11 @@ def stage_config(stage: str, work: Path, run: Path, args: argparse.Namespace, sh
                                                 batch_size=args.batch, micro_batch_size=args.batch,
                                                 sharding=sharding, overwrite=True, gradient_checkpointing=ckpt)
     if stage == "score":
+        # the paper's formula, as bench/results/memory_*.json were measured (the defaults, LESS's form, add a
+        # target_norms pass and per-example norms in the row pass: not measured here)
         return score.main, score.ScoreConfig(**common, pool=str(work / "pool.jsonl"), target=str(work / "target.jsonl"),
                                              batch_size=args.batch, order=2, sharding=sharding, overwrite=True,
-                                             gradient_checkpointing=ckpt)
+                                             gradient_checkpointing=ckpt, **PAPER_SCORE)
     return train.main, train.TrainConfig(**common, train_file=str(work / "pool.jsonl"), data="all",
                                          mask=str(work / "mask.safetensors"), method="sparse", epochs=1,
                                          batch_size=args.batch * 2, micro_batch_size=args.batch, lr=1e-5,

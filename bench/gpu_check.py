@@ -166,7 +166,9 @@ def run_stages(model_dir: Path, run: Path, data: Path, args: argparse.Namespace)
                    warm_n),
         "score": (score.main, score.ScoreConfig(**common, pool=str(data / "pool.jsonl"),
                                                 target=str(data / "val.jsonl"), batch_size=args.micro_batch),
-                  2 * args.pool + args.val),  # order 2: the G pass and the row pass over the pool, + V
+                  2 * args.pool + 2 * args.val),  # order 2: G pass + row pass over the pool; V twice (the
+                  # default normalized target: a norm pass, then the weighted gradient pass); `dualsft score`'s
+                  # default formula (LESS's form, Adam-step u from the warm-up's c), as users run it
         "select": (select.main, select.SelectConfig(run_dir=str(run), plot=False), 0),
         "train": (train.main, train.TrainConfig(**common, epochs=2, batch_size=args.micro_batch,
                                                 micro_batch_size=args.micro_batch, lr=1e-5, progress=False,

@@ -86,7 +86,8 @@ def test_run_sections_come_from_the_stage_configs_with_the_runs_own_defaults():
 
 def test_run_section_flags_yaml_and_common_options(tmp_path):
     y = tmp_path / "run.yaml"
-    y.write_text("model: m\nseed: 3\nscore: {batch-size: 2, method: jvp}\ntrain:\n  lr: 1.0e-3\n")
+    # jvp ranks by the inner product (it has no per-example norms for the default cosine ranking)
+    y.write_text("model: m\nseed: 3\nscore: {batch-size: 2, method: jvp, data-score: inner}\ntrain:\n  lr: 1.0e-3\n")
     cfg = run_config(["--config", str(y), "--score.batch-size", "5", "--select.no-plot", "--run-dir", "r"])
     assert (cfg.score.batch_size, cfg.score.method, cfg.train.lr, cfg.select.plot) == (5, "jvp", 1e-3, False)
     # the common options are top-level and every section has them
@@ -145,12 +146,23 @@ def test_preset_release_resolves_the_release_settings_and_flags_win():
         assert cfg.select.mask_sign == "abs" and (cfg.select.quota_layer, cfg.select.quota_module) == (0.2, 0.2)
         assert cfg.train.max_grad_norm == 0.0 and cfg.score.prior_normalisation == "release"
         assert cfg.train.lr == 1e-4
+        # the release is the paper's scoring formula, not the defaults' LESS form
+        assert (cfg.score.precondition, cfg.score.data_params, cfg.score.data_score, cfg.score.target_gradient) == \
+            ("none", "all", "inner", "mean")
     # an explicit flag wins over the preset
     cfg = build_config(RunConfig, {"preset": "release", "template": "chat", "select.mask_sign": "signed"})
     assert cfg.template == "chat" and cfg.select.mask_sign == "signed" and cfg.train.max_grad_norm == 0.0
     # a single stage's command takes its own section
     assert build_config(SelectConfig, {"preset": "release"}).mask_sign == "abs"
     assert build_config(RunConfig).select.mask_sign == "signed"  # no preset: the defaults
+    # `dualsft score --preset release`: the paper's formula; a flag still wins; no preset: LESS's form
+    paper = build_config(ScoreConfig, {"preset": "release"})
+    assert (paper.precondition, paper.data_params, paper.data_score, paper.target_gradient) == \
+        ("none", "all", "inner", "mean")
+    assert build_config(ScoreConfig, {"preset": "release", "data_score": "cosine"}).data_score == "cosine"
+    plain = build_config(ScoreConfig)
+    assert (plain.precondition, plain.data_params, plain.data_score, plain.target_gradient) == \
+        ("auto", "linear", "cosine", "normalized")
     # configs/release.yaml holds the same values
     from pathlib import Path
 

@@ -8,6 +8,13 @@ the warm-up's step losses and the evaluation metrics of base and tuned models; a
 method's subset, mask hash and test metrics. Tolerances: selections exact; floats 1e-5 relative (float32
 summation order may change when code moves; the CPU runs themselves are bitwise deterministic).
 Regenerate ONLY when a change of behaviour is intended, and say so in the commit.
+
+Since issue 13 `dualsft score`'s defaults are LESS's form of the scores, not the paper's formula the reference
+was made with: ``run`` and ``compare`` pass the paper's formula explicitly (``--score.precondition none
+--score.data-params all --score.data-score inner --score.target-gradient mean``, dualsft.config.PAPER_SCORE), so
+their pinned values are unchanged. ``defaults`` pins the new defaults on the same data and warm-up: `dualsft
+score` with no formula flag (auto resolved to adam-step by the warm-up's c) and `dualsft select`; its values
+were written by the code of the commit that changed the defaults (not by the pre-refactor code).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from dualsft.testing import paper_score_flags
+
 GOLDEN = Path(__file__).parent / "golden" / "micro_pipeline.json"
 KL_ATOL = 5e-7
 # The same tiny settings as tests/test_pipeline.py (real reasoning-gym data, micro Llama); the flags are the
@@ -28,7 +37,9 @@ KL_ATOL = 5e-7
 TINY = ["--data.pool-size", "30", "--data.val-size", "4", "--data.test-size", "4", "--data.stability-size", "2",
         "--data.humaneval-size", "0", "--max-length", "640", "--score.batch-size", "4", "--train.batch-size", "4",
         "--train.micro-batch-size", "4", "--train.epochs", "1", "--eval.max-examples", "2", "--eval.batch-size", "4",
-        "--score.lambda-prior", "0.2"]
+        "--score.lambda-prior", "0.2", *paper_score_flags("score.")]  # the reference's formula: the paper's
+# `dualsft score` / `select` on the run's data and warm-up with today's scoring defaults (the `defaults` key)
+DEFAULTS = ["--max-length", "640", "--batch-size", "4", "--lambda-prior", "0.2"]
 METHODS = "dualsft,dualsft-joint,less->sift,random"
 RTOL = 1e-5
 # compare's measured-study defaults (lr grid on dev, dev 64, products) would change what it computes: these
@@ -90,6 +101,28 @@ def run_fingerprint(run: Path) -> dict[str, Any]:
     }
 
 
+def defaults_fingerprint(model_dir: Path, run: Path, out: Path) -> dict[str, Any]:
+    """`dualsft score` with the default formula (LESS's form) on ``run``'s data and warm-up into ``out``, then
+    `dualsft select`: every row's cosine score, inner product and loss, the totals, the subset and mask."""
+    import shutil
+
+    from dualsft.cli import main as cli
+    from dualsft.io import read_json, read_jsonl
+
+    shutil.copytree(run / "warmup", out / "warmup")  # θw and c: auto resolves to adam-step
+    assert cli(["score", "--model", str(model_dir), "--run-dir", str(out), "--pool", str(run / "data" / "pool.jsonl"),
+                "--target", str(run / "data" / "val.jsonl"), *DEFAULTS]) == 0
+    assert cli(["select", "--run-dir", str(out), "--no-plot"]) == 0
+    summary = read_json(out / "scores" / "summary.json")
+    return {
+        "data_scores": {str(r["index"]): [r["score"], r["inner"], r["loss"]]
+                        for r in read_jsonl(out / "scores" / "data_scores.jsonl")},
+        **{k: summary[k] for k in ("uTG", "sum_param", "sum_param_rows", "sum_data", "precondition", "data_params",
+                                   "data_score", "target_gradient", "passes")},
+        "subset": subset_indices(out / "selection"), "mask": mask_hash(out / "selection" / "mask.safetensors"),
+    }
+
+
 def compare_fingerprint(run: Path) -> dict[str, Any]:
     """Each compared method's selection and test metrics (seed 0), from results.json and its folders."""
     from dualsft.io import read_json
@@ -105,7 +138,8 @@ def compare_fingerprint(run: Path) -> dict[str, Any]:
 
 
 def produce(model_dir: Path, root: Path) -> dict[str, Any]:
-    """Run `dualsft run` and `dualsft compare` on the micro model into ``root`` and fingerprint both."""
+    """Run `dualsft run` and `dualsft compare` (the paper's formula) and the defaults' `dualsft score` + `select`
+    on the micro model into ``root``, and fingerprint all three."""
     import torch
 
     from dualsft.cli import main as cli
@@ -116,7 +150,8 @@ def produce(model_dir: Path, root: Path) -> dict[str, Any]:
         assert cli(["run", "--model", str(model_dir), "--run-dir", str(root / "run"), *TINY]) == 0
         assert cli(["compare", "--model", str(model_dir), "--run-dir", str(root / "cmp"), *TINY, "--methods", METHODS,
                     "--seeds", "0", "--less-dim", "64", *OLD_PROTOCOL]) == 0
-    return {"run": run_fingerprint(root / "run"), "compare": compare_fingerprint(root / "cmp")}
+        defaults = defaults_fingerprint(model_dir, root / "run", root / "defaults")
+    return {"run": run_fingerprint(root / "run"), "compare": compare_fingerprint(root / "cmp"), "defaults": defaults}
 
 
 def assert_close(got: Any, want: Any, where: str = "") -> None:
@@ -144,6 +179,7 @@ def test_run_and_compare_match_the_pre_refactor_outputs(tmp_path, micro_model_di
     want = json.loads(GOLDEN.read_text())
     got = produce(micro_model_dir, tmp_path)
     assert got["run"]["subset"] and got["run"]["mask"]  # the fingerprint saw a real selection
+    assert got["defaults"]["subset"] and got["defaults"]["precondition"] == "adam-step"
     assert_close(got, want, "golden")
 
 

@@ -61,8 +61,8 @@ def test_commands_reuse_a_run_folders_settings_and_record_no_absolute_path(tmp_p
 
     data_meta = data_record()
     caplog.clear()
-    assert cli(["compare", "--run-dir", "run", "--methods", "dualsft,random", "--seeds", "0", "--score.batch-size",
-                "2", *ONE_LR]) == 0
+    assert cli(["compare", "--run-dir", "run", "--methods", "dualsft,dualsft@paper,random", "--seeds", "0",
+                "--score.batch-size", "2", *ONE_LR]) == 0
     assert "settings taken from the run folder run" in caplog.text and f"model={model!r}" in caplog.text
     assert "data.val_size=4" in caplog.text and "score.batch_size" not in caplog.text
     assert data_record() == data_meta  # run's data, reused as it was
@@ -70,6 +70,14 @@ def test_commands_reuse_a_run_folders_settings_and_record_no_absolute_path(tmp_p
     assert (res["config"]["model"], res["config"]["data"]["val_size"], res["config"]["train"]["epochs"]) == (model, 4, 1)
     scores = json.loads((tmp_path / "run" / "compare" / "scoring" / "seed0" / "scores" / "metadata.json").read_text())
     assert scores["config"]["batch_size"] == 2  # the flag won over run's recorded 4 (a folder compare writes anew)
+    # plain dualsft scores with the defaults (LESS's form; every seed has a warm-up, so auto is adam-step);
+    # dualsft@paper with the paper's formula, in its own folder
+    scoring = tmp_path / "run" / "compare" / "scoring"
+    plain, paper = (json.loads((scoring / d / "scores" / "summary.json").read_text()) for d in ("seed0", "seed0@paper"))
+    formula = ("precondition", "data_params", "data_score", "target_gradient")
+    assert tuple(plain[k] for k in formula) == ("adam-step", "linear", "cosine", "normalized")
+    assert tuple(paper[k] for k in formula) == ("none", "all", "inner", "mean")
+    assert abs(paper["sum_data"] - paper["uTG"]) <= 1e-5 * abs(paper["uTG"])
     assert cli(["train", "--run-dir", "run"]) == 0 and "already holds a finished run" in caplog.text
     caplog.clear()
     assert cli(["compare", "--run-dir", "run", "--data.target-task", "gcd", "--methods", "dualsft", "--seeds", "0"]) == 2
@@ -262,6 +270,34 @@ def test_compare_variant_overrides_are_checked():
             variant_score(ScoreConfig(), "bogus")
     finally:
         del VARIANTS["bogus"]
+
+
+def test_compare_variants_set_the_whole_scoring_formula():
+    """dualsft@paper is the paper's formula (= --preset release's score options); every variant sets all four
+    formula options, so it means the same whatever the defaults; the one-change ablations are the paper's
+    formula plus that change (as measured), lessform the defaults' LESS form."""
+    from dualsft.config import PAPER_SCORE, PRESETS
+    from dualsft.evaluation.compare import VARIANTS, variant_score
+    from dualsft.scoring.score import ScoreConfig
+
+    formula = ("precondition", "data_params", "data_score", "target_gradient")
+    paper = variant_score(ScoreConfig(), "paper")
+    assert tuple(getattr(paper, k) for k in formula) == ("none", "all", "inner", "mean")
+    assert {k: PRESETS["release"]["score"][k] for k in formula} == PAPER_SCORE == VARIANTS["paper"]
+    for name, overrides in VARIANTS.items():
+        assert set(formula) <= set(overrides), name
+    one_change = {"noprior": {"lambda_prior": 0.0}, "answer": {"score_tokens": "answer"},
+                  "cosine": {"data_score": "cosine"}, "normalized": {"target_gradient": "normalized"},
+                  "adam": {"precondition": "adam"}, "adamstep": {"precondition": "adam-step"},
+                  "linear": {"data_params": "linear"}}
+    for name, change in one_change.items():
+        assert VARIANTS[name] == {**PAPER_SCORE, **change}, name
+    assert VARIANTS["cosnorm"] == {**PAPER_SCORE, "data_score": "cosine", "target_gradient": "normalized"}
+    less = variant_score(ScoreConfig(), "lessform")
+    assert tuple(getattr(less, k) for k in formula) == ("adam-step", "linear", "cosine", "normalized")
+    default = ScoreConfig()  # the defaults are lessform's, auto = adam-step wherever c exists
+    assert tuple(getattr(default, k) for k in formula) == ("auto", *(getattr(less, k) for k in formula[1:]))
+    assert variant_score(ScoreConfig(), "lessform-noadam").precondition == "none"
 
 
 def test_run_sources_override_the_data_folder(tmp_path):

@@ -64,6 +64,17 @@ def test_an_option_added_later_matches_older_records_at_its_old_behaviour():
     assert first_difference(old, {"config": {"lr": 1.0, "other": 0, "train": {"epochs": 3}}}) == "config.other"
 
 
+def test_scores_recorded_before_the_formula_options_match_the_papers_formula():
+    """A scores record without data_score / data_params / target_gradient / precondition was made with the
+    paper's formula: it matches a new record holding the paper's values, not today's defaults (LESS's form)."""
+    from dualsft.config import PAPER_SCORE
+
+    old = {"config": {"eta": 2e-5, "order": 2}}
+    assert first_difference(old, {"config": {"eta": 2e-5, "order": 2, **PAPER_SCORE}}) is None
+    lessform = {"precondition": "auto", "data_params": "linear", "data_score": "cosine", "target_gradient": "normalized"}
+    assert first_difference(old, {"config": {"eta": 2e-5, "order": 2, **lessform}}) == "config.data_params"
+
+
 def test_require_stage_says_which_command_to_run(tmp_path):
     with pytest.raises(ArtifactError, match="run `dualsft score` first"):
         require_stage(tmp_path, "scores")

@@ -44,13 +44,19 @@ Template = Literal["chat", "plain", "release"]
 # Named presets: option values under the defaults' layer (defaults < preset < YAML < CLI flags), keyed like a
 # YAML file (top-level options, and one mapping per stage section). A single stage's command takes its own
 # section's values ("select" -> SelectConfig). configs/<name>.yaml holds the same values for reading.
+# The paper's scoring formula (docs/method.md §4): u for one SGD step, φ_data = ⟨u, g_n⟩ over every trainable
+# parameter, v_new the mean target gradient. `dualsft score`'s defaults are LESS's form instead (docs/method.md §4
+# "Defaults of the scores"); `--preset release` and compare's `dualsft@paper` set these values.
+PAPER_SCORE: dict[str, str] = {"precondition": "none", "data_params": "all", "data_score": "inner",
+                               "target_gradient": "mean"}
 PRESETS: dict[str, dict[str, Any]] = {
     # the authors' release: plain prompt + "\n" + response, no end token, prompt masked by its own tokenisation;
-    # |φ_param| top-k with 20%/20% quotas; no gradient clipping; v_prior divided by max(Σw, 1)
+    # |φ_param| top-k with 20%/20% quotas; no gradient clipping; v_prior divided by max(Σw, 1); the paper's
+    # scoring formula (PAPER_SCORE)
     "release": {"template": "release",
                 "select": {"mask_sign": "abs", "quota_layer": 0.2, "quota_module": 0.2},
                 "train": {"max_grad_norm": 0.0},
-                "score": {"prior_normalisation": "release"}},
+                "score": {"prior_normalisation": "release", **PAPER_SCORE}},
 }
 
 
@@ -155,7 +161,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     if usable:
         parser.add_argument("--preset", default=argparse.SUPPRESS, choices=usable,
                             help="named settings under --config and the flags (which win); release: the authors' "
-                                 "release settings (see dualsft.config.PRESETS)")
+                                 "release settings, the paper's scoring formula included (see "
+                                 "dualsft.config.PRESETS)")
     sections = section_fields(cls)
     _add_flags(parser, cls, [f for f in dataclasses.fields(cls) if f not in sections], "", None)
     for f in sections:

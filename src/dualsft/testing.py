@@ -96,3 +96,11 @@ def toy_records(n: int, seed: int = 0) -> list[dict]:
         pad = " please" * int(torch.randint(0, 4, (1,), generator=g))
         out.append({"instruction": f"What is {a} + {b}?{pad}", "response": f"{a + b}" + " ok" * (i % 3)})
     return out
+
+
+def paper_score_flags(prefix: str = "") -> list[str]:
+    """The CLI flags of the paper's scoring formula (``dualsft.config.PAPER_SCORE``), for tests that pin it
+    against today's defaults (LESS's form); ``prefix`` "score." spells them for `dualsft run` / `compare`."""
+    from dualsft.config import PAPER_SCORE
+
+    return [x for k, v in PAPER_SCORE.items() for x in (f"--{prefix}{k.replace('_', '-')}", v)]

@@ -14,7 +14,7 @@ from dist_helpers import copy_stage, rows_rel_diff, run_torchrun, tensors_rel_di
 
 from dualsft.cli import main as cli
 from dualsft.io import load_tensors, read_json, read_jsonl
-from dualsft.testing import byte_tokenizer, micro_llama, toy_records
+from dualsft.testing import byte_tokenizer, micro_llama, paper_score_flags, toy_records
 
 # Measured on the micro Llama (CPU, float32 weights and statistics), 1 vs 2 processes; see docs/scaling.md.
 # The shards change only the order of float32 additions (and the padding of each batch), so:
@@ -73,8 +73,9 @@ def test_warmup_and_order2_score_two_processes_match_one(score_inputs, tmp_path)
         assert abs(a - b) <= 1e-6 * abs(a)
 
     copy_stage(one, two, "warmup")  # score both from the same θw and c: this isolates the scoring tolerance
-    assert cli(_score_args(d, one, "pool9")) == 0
-    run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool9"), "--sharding", "none"])
+    paper = paper_score_flags()  # the paper's formula: the plain row–column identity below
+    assert cli(_score_args(d, one, "pool9", *paper)) == 0
+    run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool9", *paper), "--sharding", "none"])
     summary = read_json(two / "scores" / "summary.json")
     assert summary["sharding"] == "none"
     assert summary["passes"] == ["target", "anchor", "pool_G", "pool_rows"] and summary["scored_at"] == "theta_w"
@@ -90,7 +91,7 @@ def test_order1_score_two_processes_match_one_divisible_pool(score_inputs, tmp_p
     """Pool of 10 (shards 5 + 5), first order at θ0: G and rows from the same ghost pass. No --sharding: the
     default (auto) shards with FSDP2 under torchrun."""
     d, one, two = score_inputs, tmp_path / "one", tmp_path / "two"
-    args = ("--order", "1")
+    args = ("--order", "1", *paper_score_flags())  # the paper's formula: one pool pass, no norm pass
     assert cli(_score_args(d, one, "pool10", *args)) == 0
     run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool10", *args)])
     assert read_json(one / "scores" / "summary.json")["sharding"] == "none"  # one process: nothing to shard
@@ -158,16 +159,19 @@ def test_fsdp_warmup_matches_one_process(score_inputs, tmp_path):
     for a, b in zip(read_json(w1 / "summary.json")["step_losses"], read_json(w2 / "summary.json")["step_losses"]):
         assert abs(a - b) <= 1e-6 * abs(a)
     # --sharding fsdp scoring from that θw and c, against one unsharded process: order 2 with the anchor pass
-    # (teacher sharded too), and every variant that adds a pass or a per-example norm (lessform's settings)
+    # (teacher sharded too), and every variant that adds a pass or a per-example norm (lessform's settings):
+    # spelled out in the one process, the defaults under fsdp, where c is read later as row slices and
+    # --precondition auto must resolve from the file's existence
     variant = ("--order", "2", "--precondition", "adam-step", "--data-params", "linear", "--data-score", "cosine",
                "--target-gradient", "normalized")
     three = tmp_path / "three"
     copy_stage(two, three, "warmup")
     assert cli(_score_args(d, two, "pool9", *variant)) == 0  # θw and c of the sharded run score
-    run_torchrun(["-m", "dualsft", *_score_args(d, three, "pool9", *variant, "--sharding", "fsdp",
+    run_torchrun(["-m", "dualsft", *_score_args(d, three, "pool9", "--order", "2", "--sharding", "fsdp",
                                                 "--gradient-checkpointing")])  # checkpointed FSDP layers too
     summary = read_json(three / "scores" / "summary.json")
     assert summary["sharding"] == "fsdp" and summary["world_size"] == 2
+    assert (summary["precondition"], summary["precondition_requested"]) == ("adam-step", "auto")
     assert summary["passes"] == ["target_norms", "target", "anchor", "pool_G", "pool_rows"]
     diffs = _compare_scores(two, three)
     diffs["grad_norm"] = rows_rel_diff(two / "scores" / "data_scores.jsonl", three / "scores" / "data_scores.jsonl",
@@ -184,7 +188,7 @@ def test_fsdp_order1_score_matches_one_process(score_inputs, tmp_path):
     root unit, read by both modules): G, u, φ_param, φ_data and ‖g_n‖ equal one unsharded process. Pool of 9
     in batches of 2: rank 0 runs 3 batches, rank 1 two and a filler, so the filler path is exercised."""
     d, one, two = score_inputs, tmp_path / "one", tmp_path / "two"
-    args = ("--order", "1", "--data-score", "cosine")
+    args = ("--order", "1", *paper_score_flags(), "--data-score", "cosine")  # rows over every parameter
     assert cli(_score_args(d, one, "pool9", *args)) == 0
     run_torchrun(["-m", "dualsft", *_score_args(d, two, "pool9", *args, "--sharding", "fsdp")])
     summary = read_json(two / "scores" / "summary.json")

@@ -267,8 +267,9 @@ def nan_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_nan_loss_in_scoring_names_the_examples(fail: Fail, nan_model: tuple[Path, Path], data_dir: Path,
                                                 tmp_path: Path, method: str) -> None:
     model_dir, pool = nan_model
+    rank = ["--data-score", "inner"] if method == "jvp" else []  # jvp has no per-example norms for the cosine
     err = fail(score_args(model_dir, tmp_path / "run", data_dir, "--pool", str(pool), "--batch-size", "16",
-                          "--method", method))
+                          "--method", method, *rank))
     assert type(err) is NonFiniteLossError and sorted(err.indices) == list(HASH_AT)
     assert all(str(i) in str(err) for i in HASH_AT)
     assert_no_success(tmp_path / "run" / "scores")
@@ -469,3 +470,13 @@ def test_all_assistant_turns_need_the_chat_template(fail: Fail, micro_model_dir:
     err = fail(score_args(micro_model_dir, tmp_path / "run", data_dir, "--template", "plain",
                           "--assistant-turns", "all"))
     assert type(err) is ConfigError and "--assistant-turns 'all': needs --template chat" in str(err)
+
+
+def test_jvp_with_the_default_cosine_ranking(fail: Fail, micro_model_dir: Path, data_dir: Path,
+                                             tmp_path: Path) -> None:
+    """The default ranking divides by ‖g_n‖, which --method jvp cannot compute: refused before any pass, with
+    the fix (--data-score inner) in the message, rather than silently ranking by another score."""
+    err = fail(score_args(micro_model_dir, tmp_path / "run", data_dir, "--method", "jvp"))
+    assert type(err) is ConfigError and "--data-score 'cosine'" in str(err)
+    assert "pass --data-score inner to score with jvp" in str(err)
+    assert_no_success(tmp_path / "run" / "scores")

@@ -20,6 +20,7 @@ from dualsft.scoring.passes import run_pass
 from dualsft.scoring.rows import row_accumulators, row_step
 from dualsft.scoring.settings import ScoreConfig
 from dualsft.scoring.stats import gradient_step, trainable_params, weighted_gradient_step, zeros_like_params
+from dualsft.testing import paper_score_flags
 
 CASES = [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)]
 TOL = 1e-8  # the acceptance bound (issue 14); measured ~1e-15
@@ -213,8 +214,8 @@ def make_batches_for_pergrad(tokenizer):
 def test_refusals():
     """jvp's forward-mode pass cannot be recomputed (refused when the config is built); a model with no
     transformers decoder layer cannot be checkpointed."""
-    with pytest.raises(ConfigError, match="--method jvp"):
-        ScoreConfig(method="jvp", gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="--gradient-checkpointing cannot recompute --method jvp"):
+        ScoreConfig(method="jvp", data_score="inner", gradient_checkpointing=True)  # inner: jvp's own refusal
     ScoreConfig(method="exact", gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="gradient-checkpointing"):
         with checkpointed_layers(torch.nn.Linear(2, 2), True):
@@ -262,11 +263,21 @@ def score_run(d, run, *flags):
         load_tensors(s / "grad_sum.safetensors")
 
 
-@pytest.mark.parametrize("variant", [(), ("--order", "1", "--data-score", "cosine", "--target-gradient", "normalized")])
+PAPER = tuple(paper_score_flags())
+CHECKPOINT_CASES = {  # flags -> the passes they run
+    PAPER: ["target", "anchor", "pool_G", "pool_rows"],
+    (): ["target_norms", "target", "anchor", "pool_G", "pool_rows"],  # the defaults (LESS's form, Adam-step u)
+    (*PAPER, "--order", "1", "--data-score", "cosine", "--target-gradient", "normalized"):
+        ["target_norms", "target", "anchor", "pool"],
+}
+
+
+@pytest.mark.parametrize("variant", list(CHECKPOINT_CASES))
 def test_score_cli_with_checkpointing_writes_the_same_scores(micro_folder, tmp_path, monkeypatch, variant):
-    """Order 2 (target, anchor, pool_G, pool_rows) and order 1 with the norm passes (target_norms, target,
-    pool with ‖g_n‖²): data_scores.jsonl and param_scores.safetensors equal the run without the flag
-    (float64, ≤ 1e-10), and every pass really ran checkpointed layers."""
+    """Order 2 with the paper's formula (target, anchor, pool_G, pool_rows), order 2 with the defaults (the
+    target_norms pass first, rows over the linear layers with ‖g_n‖²) and order 1 with the norm passes
+    (target_norms, target, pool with ‖g_n‖²): data_scores.jsonl and param_scores.safetensors equal the run
+    without the flag (float64, ≤ 1e-10), and every pass really ran checkpointed layers."""
     import torch.utils.checkpoint as tuc
 
     from dualsft.scoring import score
@@ -289,8 +300,7 @@ def test_score_cli_with_checkpointing_writes_the_same_scores(micro_folder, tmp_p
     monkeypatch.setattr(score, "sharded_pass", watched_pass)
     monkeypatch.setattr(tuc, "checkpoint", counted_checkpoint)
     ckpt = score_run(micro_folder, tmp_path / "ckpt", *variant, "--gradient-checkpointing")
-    expected = ["target", "anchor", "pool_G", "pool_rows"] if not variant else ["target_norms", "target", "anchor", "pool"]
-    assert passes == expected
+    assert passes == CHECKPOINT_CASES[variant]
     rows, rows_ref = ckpt[0], plain[0]
     assert [r["index"] for r in rows] == [r["index"] for r in rows_ref]
     for key in rows_ref[0]:

@@ -12,7 +12,7 @@ from dualsft.errors import ConfigError
 from dualsft.io import load_tensors, read_json, read_jsonl
 from dualsft.scoring.data import sample_positions
 from dualsft.scoring.settings import load_settings
-from dualsft.testing import byte_tokenizer, micro_llama, toy_records
+from dualsft.testing import byte_tokenizer, micro_llama, paper_score_flags, toy_records
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_warmup_then_score_end_to_end(micro_folder, tmp_path):
 
     args = ["score", *_common(d, run), "--target", str(d / "target.jsonl"), "--dtype", "float64",
             "--stats-dtype", "float64", "--eta", "1e-2", "--anchor-ratio", "0.2"]
-    assert cli(args) == 0
+    assert cli(args) == 0  # the defaults: LESS's form, Adam-step u (the warm-up left c)
     s = run / "scores"
     summary = read_json(s / "summary.json")
     rows = read_jsonl(s / "data_scores.jsonl")
@@ -63,24 +63,42 @@ def test_warmup_then_score_end_to_end(micro_folder, tmp_path):
     assert all(phi[n].shape == names[n] and phi[n].dtype == torch.float32 for n in names)
     assert [r["index"] for r in rows] == list(range(20))  # pool order
     assert all(r["tokens"] > 0 for r in rows)
-    assert summary["order"] == 2 and summary["passes"] == ["target", "anchor", "pool_G", "pool_rows"]
+    assert summary["order"] == 2 and summary["passes"] == ["target_norms", "target", "anchor", "pool_G", "pool_rows"]
+    # auto resolved from the warm-up's c, recorded as used and as asked, in summary.json and settings.json
+    assert (summary["precondition"], summary["precondition_requested"]) == ("adam-step", "auto")
+    assert (summary["data_params"], summary["data_score"], summary["target_gradient"]) == ("linear", "cosine",
+                                                                                          "normalized")
     utg = summary["uTG"]
     assert abs(summary["sum_param"] - utg) <= 1e-5 * abs(utg)  # φ_param saved in float32
-    assert abs(summary["sum_data"] - utg) <= 1e-6 * abs(utg)
+    # linear rows: Σ_n ⟨u_R, g_n⟩ = Σ_{j∈R} φ_param_j (not uᵀG); "score" is the cosine, "inner" the product
+    rows_total = summary["sum_param_rows"]
+    assert abs(summary["sum_data"] - rows_total) <= 1e-6 * abs(rows_total)
+    assert abs(sum(r["inner"] for r in rows) - rows_total) <= 1e-6 * abs(rows_total)
+    assert abs(rows_total - utg) > 1e-6 * abs(utg)
+    assert all(r["score"] == pytest.approx(r["inner"] / r["grad_norm"], rel=1e-9) for r in rows)
     assert summary["u_term_norms"]["half_eta2_c_G"] > 0 and summary["u_term_norms"]["eta_lambda_prior_v_prior"] > 0
     assert summary["scored_at"] == "theta_w"
     settings = load_settings(s)  # the one typed record later stages read η, order, ... from
     assert (settings.eta, settings.order, settings.stats_dtype, settings.scored_at) == (1e-2, 2, "float64", "theta_w")
     assert settings.model == str(d / "model") and settings.max_length == 64
+    assert settings.precondition == "adam-step" and read_json(s / "metadata.json")["config"]["precondition"] == "auto"
 
-    # first order with the ghost one-pass: the same G, and rows = ⟨ηv, g_n⟩
+    # first order with the ghost one-pass: the same G, and the inner rows = ⟨u_R, g_n⟩
     assert cli([*args, "--order", "1", "--overwrite"]) == 0
     s1 = read_json(s / "summary.json")
-    assert s1["passes"] == ["target", "anchor", "pool"]
+    assert s1["passes"] == ["target_norms", "target", "anchor", "pool"] and s1["precondition"] == "adam-step"
     G1 = load_tensors(s / "grad_sum.safetensors")
     assert all(torch.allclose(G1[n], G[n], rtol=1e-5, atol=1e-7) for n in G)
     rows1 = read_jsonl(s / "data_scores.jsonl")
-    assert abs(sum(r["score"] for r in rows1) - s1["uTG"]) <= 1e-6 * abs(s1["uTG"])
+    assert abs(sum(r["inner"] for r in rows1) - s1["sum_param_rows"]) <= 1e-6 * abs(s1["sum_param_rows"])
+
+    # the paper's formula (--preset release's score options): the plain identity Σφ_data = uᵀG, SGD u
+    assert cli([*args, *paper_score_flags(), "--order", "2", "--overwrite"]) == 0  # order 1 is recorded now
+    sp = read_json(s / "summary.json")
+    assert sp["passes"] == ["target", "anchor", "pool_G", "pool_rows"] and sp["precondition"] == "none"
+    assert sp["precondition_requested"] == "none" and load_settings(s).data_score == "inner"
+    assert abs(sp["sum_data"] - sp["uTG"]) <= 1e-6 * abs(sp["uTG"])
+    assert abs(sum(r["score"] for r in read_jsonl(s / "data_scores.jsonl")) - sp["uTG"]) <= 1e-6 * abs(sp["uTG"])
 
 
 def test_score_at_theta0_refuses_order2_without_curvature(micro_folder, tmp_path):
@@ -92,8 +110,36 @@ def test_score_at_theta0_refuses_order2_without_curvature(micro_folder, tmp_path
     with pytest.raises(ConfigError, match="curvature"):
         main(CONFIG(model=str(d / "model"), pool=str(d / "pool.jsonl"), target=str(d / "target.jsonl"),
                     run_dir=str(run), max_length=64))
+    # explicit Adam preconditioners still need c: refused, not resolved away
+    for explicit in ("adam", "adam-step"):
+        with pytest.raises(ConfigError, match=f"--precondition {explicit} needs Adam's exp_avg_sq"):
+            main(CONFIG(model=str(d / "model"), pool=str(d / "pool.jsonl"), target=str(d / "target.jsonl"),
+                        run_dir=str(run), max_length=64, order=1, precondition=explicit))
+    # jvp has no per-example norms: the default cosine ranking is refused with the fix, which then works
     args = ["score", *_common(d, run), "--target", str(d / "target.jsonl"), "--order", "1", "--method", "jvp"]
-    assert cli(args) == 0
+    with pytest.raises(ConfigError, match="pass --data-score inner to score with jvp"):
+        CONFIG(method="jvp")
+    assert cli(args) != 0 and not (run / "scores" / "summary.json").exists()
+    assert cli([*args, "--data-score", "inner"]) == 0
     summary = read_json(run / "scores" / "summary.json")
-    assert summary["scored_at"] == "theta_0" and summary["passes"] == ["target", "pool"]
+    # the normalized target (default) takes ‖g_q‖ from the ghost hooks under jvp too: target_norms ran
+    assert summary["scored_at"] == "theta_0" and summary["passes"] == ["target_norms", "target", "pool"]
     assert any("anchor" in s for s in summary["skipped"])
+    # auto at θ0: no c, so u for one SGD step; recorded as used and as asked
+    assert (summary["precondition"], summary["precondition_requested"]) == ("none", "auto")
+    assert load_settings(run / "scores").precondition == "none" and summary["curvature"] is None
+    assert abs(summary["sum_data"] - summary["sum_param_rows"]) <= 1e-5 * abs(summary["sum_param_rows"])
+
+
+def test_score_at_theta0_with_curvature_resolves_auto_to_adam_step(micro_folder, tmp_path):
+    """--curvature FILE at θ0 gives c, so auto is adam-step there too (c exists, whatever its source)."""
+    from dualsft.io import save_tensors
+
+    d, run = micro_folder, tmp_path / "runc"
+    c = {n: torch.full(p.shape, 1e-6) for n, p in micro_llama(tied=True).named_parameters()}
+    save_tensors(tmp_path / "c.safetensors", c)
+    assert cli(["score", *_common(d, run), "--target", str(d / "target.jsonl"), "--order", "1",
+                "--curvature", str(tmp_path / "c.safetensors")]) == 0
+    summary = read_json(run / "scores" / "summary.json")
+    assert summary["scored_at"] == "theta_0" and summary["precondition"] == "adam-step"
+    assert load_settings(run / "scores").precondition == "adam-step"

@@ -85,13 +85,16 @@ def micro_folder(tmp_path_factory):
 
 
 def score_cli(d, run, *flags):
-    """`dualsft score` at θ0, order 1, λ_prior 0 (u = η v_new), float64; returns (rows, summary)."""
+    """`dualsft score` at θ0, order 1, λ_prior 0 (u = η v_new), float64, the paper's formula (each variant is
+    one change of it; ``flags`` come later and win); returns (rows, summary)."""
     from dualsft.cli import main as cli
     from dualsft.io import read_json, read_jsonl
+    from dualsft.testing import paper_score_flags
 
     args = ["score", "--model", str(d / "model"), "--pool", str(d / "pool.jsonl"), "--target",
             str(d / "target.jsonl"), "--run-dir", str(run), "--max-length", "64", "--dtype", "float64",
-            "--stats-dtype", "float64", "--order", "1", "--lambda-prior", "0", "--eta", str(ETA), *flags]
+            "--stats-dtype", "float64", "--order", "1", "--lambda-prior", "0", "--eta", str(ETA),
+            *paper_score_flags(), *flags]
     assert cli(args) == 0
     return read_jsonl(run / "scores" / "data_scores.jsonl"), read_json(run / "scores" / "summary.json")
 

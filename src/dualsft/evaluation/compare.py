@@ -27,8 +27,12 @@ The options are `dualsft run`'s (the stage sections) plus the methods, seeds, lr
 folder `dualsft run` made, the settings it recorded are the defaults (its data is reused; dualsft.config). A method
 is a data selector and a parameter selector of dualsft.baselines.registry ("dualsft" among them: the
 seed's scores ranked as `dualsft select` ranks them); dualsft and dualsft-joint run the `dualsft select`
-stage itself; ``dualsft@VARIANT`` (VARIANTS: e.g. noprior = λ_prior 0) scores with that variant's score
-section into its own folder. Methods (``--methods``, comma separated):
+stage itself; ``dualsft@VARIANT`` (VARIANTS) scores with that variant's score section into its own folder:
+paper = the paper's formula (= --preset release's score section), lessform = LESS's form (the defaults), and
+one-change ablations of the paper's formula (e.g. noprior = the paper's with λ_prior 0, adam, adamstep, cosine,
+normalized, linear, answer); every variant sets the whole formula, so it means the same whatever the defaults.
+The plain dualsft methods score with the score section as given (defaults: LESS's form, docs/method.md §4).
+Methods (``--methods``, comma separated):
     dualsft          DualSFT data + DualSFT mask, selected independently (the release's way)
     dualsft-joint    DualSFT with --select.joint-rounds (default 1) of true joint refinement (docs/method.md §7)
     dualsft-data     DualSFT subset, all parameters (single-axis)
@@ -51,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualsft.config import opt, section
+from dualsft.config import PAPER_SCORE, opt, section
 from dualsft.data.build import DataBuildConfig
 from dualsft.errors import ConfigError
 from dualsft.io import read_json, read_jsonl, write_json
@@ -78,21 +82,26 @@ DEFAULT_METHODS = "dualsft,dualsft-joint,dualsft-data,dualsft-param,less->sift,s
 
 # Named DualSFT variants (``dualsft@NAME`` rows): overrides of the score section, applied to a resolved copy
 # (dataclasses.replace); a field ScoreConfig does not have is refused. Each variant scores into its own folder.
+# Each sets all four options of the scoring formula (precondition, data_params, data_score, target_gradient), so
+# its meaning does not follow `dualsft score`'s defaults (LESS's form since issue 13; the paper's before): the
+# one-change ablations are the paper's formula plus that change, as they were measured.
+LESSFORM = {"precondition": "adam-step", "data_params": "linear", "data_score": "cosine",
+            "target_gradient": "normalized"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "noprior": {"lambda_prior": 0.0},
-    "answer": {"score_tokens": "answer"},
-    "cosine": {"data_score": "cosine"},
-    "normalized": {"target_gradient": "normalized"},
-    "adam": {"precondition": "adam"},
-    "adamstep": {"precondition": "adam-step"},
+    "paper": dict(PAPER_SCORE),  # the paper's formula (the defaults before issue 13; = --preset release's score)
+    "noprior": {**PAPER_SCORE, "lambda_prior": 0.0},
+    "answer": {**PAPER_SCORE, "score_tokens": "answer"},
+    "cosine": {**PAPER_SCORE, "data_score": "cosine"},
+    "normalized": {**PAPER_SCORE, "target_gradient": "normalized"},
+    "adam": {**PAPER_SCORE, "precondition": "adam"},
+    "adamstep": {**PAPER_SCORE, "precondition": "adam-step"},
     # every LESS ingredient that keeps φ_data linear in g_n: Adam-step scale, linear layers only, unit-normalised
-    # target gradients, cosine ranking (docs/method.md §4)
-    "lessform": {"precondition": "adam-step", "data_params": "linear", "data_score": "cosine",
-                 "target_gradient": "normalized"},
+    # target gradients, cosine ranking (docs/method.md §4); the defaults' values, kept explicit
+    "lessform": dict(LESSFORM),
     # ablations of lessform: without the Adam-step scale; only the two normalisations (every parameter, no scale)
-    "lessform-noadam": {"data_params": "linear", "data_score": "cosine", "target_gradient": "normalized"},
-    "cosnorm": {"data_score": "cosine", "target_gradient": "normalized"},
-    "linear": {"data_params": "linear"},
+    "lessform-noadam": {**LESSFORM, "precondition": "none"},
+    "cosnorm": {**PAPER_SCORE, "data_score": "cosine", "target_gradient": "normalized"},
+    "linear": {**PAPER_SCORE, "data_params": "linear"},
 }
 
 
@@ -107,7 +116,8 @@ class CompareConfig(RunConfig):
                                     "--data-dir)", wired=("out",), pool_size=384, stability_size=8, humaneval_size=8,
                                     val_size=256, test_size=256, dev_size=64, target_task="products")
     methods: str = opt(DEFAULT_METHODS, "comma list of methods (see `dualsft compare` module docs / README); "
-                                        f"dualsft@VARIANT for a variant in {sorted(VARIANTS)}")
+                                        f"dualsft@VARIANT for a variant in {sorted(VARIANTS)} (paper: the paper's "
+                                        "scoring formula; lessform: the defaults)")
     seeds: str = opt("0,1,2", "comma list of seeds (warm-up subset, anchors, selection randomness, data order, LoRA init)")
     lr_grid: str = opt("1e-4,2e-4,5e-4", "comma list of learning rates tried per method on the first seed, chosen by "
                                          "mean dev loss (dev.jsonl); empty = every method trains at --train.lr")

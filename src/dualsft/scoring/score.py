@@ -9,11 +9,15 @@ Passes (each with a progress bar in examples/s; wall time recorded):
                where it is exactly zero)
     order 1:   pool       G and φ_data = ⟨ηv, g_n⟩ from the SAME backward
     order 2:   pool_G     G = Σ_n g_n;   then u = ηv − ½η² c⊙G;   pool_rows  φ_data = ⟨u, g_n⟩
+    The defaults are LESS's form of the scores (docs/method.md §4 "Defaults of the scores"; the paper's formula:
+    --precondition none --data-params all --data-score inner --target-gradient mean, i.e. --preset release):
     --data-score cosine: the row pass also gives ‖g_n‖² (scoring/norms.py) and "score" = ⟨u, g_n⟩/‖g_n‖
     --score-tokens answer: every pass's loss covers the answer's own tokens (no template end tokens)
     --precondition adam: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) (Adam's step); adam-step: P = 1/(√(β2c +
-    (1−β2)v²) + ε) (the step v itself would take, as LESS simulates it); --data-params linear: the row
-    pass uses u on the linear layers only (φ_data = ⟨u_R, g_n⟩; summary.json's sum_param_rows = Σ_R φ_param)
+    (1−β2)v²) + ε) (the step v itself would take, as LESS simulates it); auto (default): adam-step when the
+    warm-up's c exists, else none, resolved once and logged (summary.json: precondition, precondition_requested)
+    --data-params linear: the row pass uses u on the linear layers only (φ_data = ⟨u_R, g_n⟩; summary.json's
+    sum_param_rows = Σ_R φ_param)
 Every pass runs on scoring/passes.py; u and φ_param are dualsft/method.py's.
 --gradient-checkpointing: every pass (target_norms, target, anchor, pool / pool_G, pool_rows) runs the model with
 its decoder layers under non-reentrant checkpointing, still in eval mode (``models.checkpointed_layers``): each
@@ -32,7 +36,8 @@ Writes RUN/scores/ (the output contract; other stages read these names):
     param_scores.safetensors   φ_param = u⊙G, float32, one tensor per trainable parameter (tied once)
     data_scores.jsonl          one line per pool example, pool order: {"index", "score", "loss", "tokens", ...}
     u.safetensors, v.safetensors (v = λ_new v_new + λ_prior v_prior), grad_sum.safetensors (G): float32
-    summary.json               uᵀG, Σφ_param, Σφ_data, settings, coverage, passes, timings, norms of u's terms
+    summary.json               uᵀG, Σφ_param, Σφ_data (the inner scores), Σ_R φ_param, settings, coverage, passes,
+                               timings, norms of u's terms
     settings.json              the ScoringSettings record (scoring/settings.py) later stages read η, order ... from
     metadata.json
 """
@@ -71,7 +76,7 @@ from dualsft.scoring.passes import sharded_pass
 from dualsft.scoring.prior import normalise_prior, prior_accumulators, prior_normaliser, prior_step, split_prior_sums
 from dualsft.scoring.progress import PROGRESS_DIR
 from dualsft.scoring.rows import row_accumulators, row_step
-from dualsft.scoring.settings import ScoreConfig, ScoringSettings, save_settings
+from dualsft.scoring.settings import ScoreConfig, ScoringSettings, resolve_precondition, save_settings
 from dualsft.scoring.sharded import gather_whole, is_slot, load_local_rows, shard_for_scoring
 from dualsft.scoring.stats import gradient_step, trainable_params, weighted_gradient_step, zeros_like_params
 from dualsft.scoring.warmup import warmup_state
@@ -103,6 +108,7 @@ class ScoringInputs:
     target: list[TokenizedExample]
     c: dict[str, torch.Tensor] | None
     c_path: str | None
+    precondition: str  # --precondition as used (auto resolved: adam-step when c exists, else none)
     at_theta0: bool
     out: Path
     done: bool  # every output already written for these settings
@@ -114,9 +120,11 @@ def main(cfg: ScoreConfig) -> int:
     ctx = dist.dist_context(cfg.device)
     cfg = replace(cfg, sharding=resolve_sharding(cfg.sharding, cfg.scoring_blocker()))
     check_order(cfg.order)
+    requested = cfg.precondition
     inp = prepare_inputs(cfg, ctx.is_main)
     if inp.done:
         return 0
+    cfg = replace(cfg, precondition=inp.precondition)  # auto resolved: every pass, settings.json, summary.json
     model, timings, skipped = inp.model, {}, []
     R = row_parameters(cfg, model, trainable_params(model))
     slots = shard_for_scoring(model, R) if cfg.sharding == "fsdp" else None  # u of R gathered with the weights
@@ -179,7 +187,8 @@ def main(cfg: ScoreConfig) -> int:
     write_tensors(inp.out, stats, (lambda t: gather_whole(t, params)) if slots is not None else None)
     if ctx.is_main:  # rank 0 writes; the others wait for it and leave
         write_scores(cfg, inp, stats, pool.rows, {"timings": timings, "skipped": skipped, "anchors": anchors,
-                                                  "world_size": ctx.world_size, "t_start": t_start})
+                                                  "world_size": ctx.world_size, "t_start": t_start,
+                                                  "precondition_requested": requested})
     dist.barrier()
     return 0
 
@@ -229,8 +238,15 @@ def target_direction(cfg: ScoreConfig, model: torch.nn.Module, params: dict[str,
     if cfg.target_gradient == "mean":
         target_sum = run("target", target, gradient_step(model, params), zeros_like_params(params, acc_dtype)).sums
         return {n: g / len(target) for n, g in target_sum.items()}, None
-    norm_method = "exact" if cfg.method == "exact" else "ghost"
-    sq = run("target_norms", target, row_step(model, {}, norm_method, norms=True), {}, row_names=("sq_norms",))
+    norm_method = "exact" if cfg.method == "exact" else "ghost"  # jvp has no per-example norms: ghost's ‖g_q‖
+    try:
+        norm_step = row_step(model, {}, norm_method, norms=True)
+    except ConfigError as e:  # a parameter ghost cannot score: under jvp, the hint to use jvp would loop
+        if cfg.method != "jvp":
+            raise
+        raise ConfigError(f"{e}. --target-gradient normalized (the default) takes ‖g_q‖ from the ghost hooks even "
+                          "under --method jvp: pass --target-gradient mean, or use --method exact") from e
+    sq = run("target_norms", target, norm_step, {}, row_names=("sq_norms",))
     target_norms = sq.rows["sq_norms"].sqrt()  # [Q], target order
     w = normalized_target_weights(target_norms)
     weights = {t.index: float(w[i]) for i, t in enumerate(target)}
@@ -240,7 +256,9 @@ def target_direction(cfg: ScoreConfig, model: torch.nn.Module, params: dict[str,
 
 
 def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
-    """Load θw (RUN/warmup's checkpoint; θ0 when there is none), c, the splits; make RUN/scores/ (rank 0)."""
+    """Load θw (RUN/warmup's checkpoint; θ0 when there is none), c, the splits; resolve ``--precondition auto``
+    from whether c exists; make RUN/scores/ (rank 0). metadata.json records the config as given (auto stays
+    auto, so a rerun resolves it again; whether c exists is its data.curvature entry)."""
     warm = warmup_state(cfg.run_dir)
     if warm and warm.get("metadata", {}).get("model", {}).get("id") not in (None, cfg.model):
         raise MetadataMismatchError(f"RUN/warmup was made from --model {warm['metadata']['model']['id']!r}, not "
@@ -248,7 +266,12 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
     at_theta0 = not (warm and warm.get("model_dir"))
     if at_theta0:
         log.info("no warm-up checkpoint in %s: scoring at θ0", Path(cfg.run_dir) / "warmup")
-    c, c_path = load_curvature(cfg, warm, whole=cfg.sharding != "fsdp")  # fsdp: each rank reads its rows later
+    precondition = resolve_precondition(cfg.precondition, curvature_file(cfg, warm))
+    if cfg.precondition == "auto":
+        log.info("--precondition auto: %s (%s)", precondition, "u for one Adam step, the warm-up's c exists"
+                 if precondition == "adam-step" else "u for one SGD step: no c (no warm-up checkpoint, no --curvature)")
+    # fsdp: each rank reads its rows of c later (from c_path)
+    c, c_path = load_curvature(replace(cfg, precondition=precondition), warm, whole=cfg.sharding != "fsdp")
     tokenizer = load_tokenizer(cfg.model)
     pool = load_split(cfg.pool, tokenizer, cfg, "pool")
     target = load_split(cfg.target, tokenizer, cfg, "target")
@@ -271,7 +294,7 @@ def prepare_inputs(cfg: ScoreConfig, is_main: bool) -> ScoringInputs:
         log.info("%s is complete for these settings; nothing to do (pass --overwrite to redo it)", out)
         if is_main:
             shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # left over by a kill after the last write
-    return ScoringInputs(model, tokenizer.pad_token_id, pool, target, c, c_path, at_theta0, out, done)
+    return ScoringInputs(model, tokenizer.pad_token_id, pool, target, c, c_path, precondition, at_theta0, out, done)
 
 
 def attention_for(method: str) -> str:
@@ -312,8 +335,9 @@ def warn_missing_curvature(v: dict[str, torch.Tensor], c: dict[str, torch.Tensor
 def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None,
                    whole: bool = True) -> tuple[dict[str, torch.Tensor] | None, str | None]:
     """(c, its file) for order 2 or --precondition adam|adam-step (from --curvature or the warm-up); order 1
-    alone needs none. ``whole=False``: only the file (``--sharding fsdp`` reads each rank's rows of it)."""
-    path = cfg.curvature or (warm or {}).get("curvature")
+    alone needs none. ``cfg.precondition`` is resolved (not auto). ``whole=False``: only the file
+    (``--sharding fsdp`` reads each rank's rows of it)."""
+    path = curvature_file(cfg, warm)
     if cfg.order == 1 and cfg.precondition == "none":
         return None, None
     if not path:
@@ -324,6 +348,11 @@ def load_curvature(cfg: ScoreConfig, warm: dict[str, Any] | None,
         raise ConfigError("--order 2 needs the curvature c (Adam exp_avg_sq of the warm-up), but there is none: "
                           "run `dualsft warmup` with --warmup-ratio > 0 first, pass --curvature FILE, or use --order 1")
     return (load_tensors(path) if whole else None), str(path)
+
+
+def curvature_file(cfg: ScoreConfig, warm: dict[str, Any] | None) -> str | None:
+    """The file of c: --curvature, else the warm-up's exp_avg_sq.safetensors, else None."""
+    return cfg.curvature or (warm or {}).get("curvature") or None
 
 
 def coverage(model: torch.nn.Module) -> dict[str, Any]:
@@ -388,7 +417,8 @@ def target_norm_summary(norms: torch.Tensor | None) -> dict[str, Any]:
 
 def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], rows: dict[str, torch.Tensor],
                   info: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: the row-column identity uᵀG = Σφ_param = Σφ_data, the settings, coverage and timings."""
+    """summary.json: the row-column identity uᵀG = Σφ_param = Σφ_data (with --data-params linear, Σφ_data =
+    Σ_{j∈R} φ_param = sum_param_rows; always over the INNER scores), the settings, coverage and timings."""
     timings, totals = info["timings"], stats["totals"]
     pool_wall = sum(t["wall_time_s"] for k, t in timings.items() if k.startswith("pool"))
     return {
@@ -399,7 +429,9 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         # v_new, v_prior, c, G, u, v, φ_param (and the u slots under fsdp) as each rank holds them
         "statistics_bytes_per_rank": totals["statistics_bytes_per_rank"],
         "score_tokens": cfg.score_tokens, "data_score": cfg.data_score, "target_gradient": cfg.target_gradient,
-        "precondition": cfg.precondition, "data_params": cfg.data_params,
+        # the preconditioner used (auto resolved by whether c exists) and the one asked for
+        "precondition": cfg.precondition, "precondition_requested": info["precondition_requested"],
+        "data_params": cfg.data_params,
         **target_norm_summary(stats.get("target_norms")),
         "order": cfg.order, "eta": cfg.eta, "lambda_new": cfg.lambda_new, "lambda_prior": cfg.lambda_prior,
         "tau": cfg.tau, "confidence": cfg.confidence, "prior_normalisation": cfg.prior_normalisation,

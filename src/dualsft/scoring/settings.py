@@ -15,19 +15,25 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from dualsft.config import CommonConfig, opt, require
+from dualsft.config import PAPER_SCORE, CommonConfig, opt, require
 from dualsft.io import write_json
 
 SETTINGS_FILE = "settings.json"
+PRECONDITIONS = ("auto", "none", "adam", "adam-step")
+# what scores made before a scoring option was recorded were made with: the paper's formula (the defaults then)
+UNRECORDED_SCORE = {"score_tokens": "response", **PAPER_SCORE}
 
 
 @dataclass(frozen=True)
 class ScoreConfig(CommonConfig):
-    """Options of `dualsft score` (defaults: the authors' release, docs/method.md §3-§5)."""
+    """Options of `dualsft score` (docs/method.md §3-§5). The scoring formula defaults to LESS's form of the
+    DualSFT scores (Adam-step u when the warm-up's c exists, φ_data over the linear layers, cosine ranking,
+    normalized target gradient; docs/method.md §4 "Defaults of the scores"); the paper's formula is
+    ``--preset release`` (dualsft.config.PAPER_SCORE)."""
 
     pool: str = opt("", "pool data (the examples to score): a file, a saved dataset FOLDER[@split] or "
                         "hf://owner/name[:config][@split], each optionally ?prompt=COL&response=COL")
-    target: str = opt("", "target/validation data V (v_new is its mean gradient); spellings as --pool")
+    target: str = opt("", "target/validation data V (v_new is built from its gradients); spellings as --pool")
     order: int = opt(2, "2: u = ηv − ½η²c⊙G (needs the warm-up's curvature); 1: u = ηv (one pool pass)")
     eta: float = opt(2e-5, "η, the step size of the one-step surrogate")
     lambda_new: float = opt(1.0, "λ_new, weight of the target loss in L_val")
@@ -39,30 +45,35 @@ class ScoreConfig(CommonConfig):
     anchor_ratio: float = opt(0.02, "fraction of the pool used as the anchor set A (seeded)")
     batch_size: int = opt(4, "examples per scoring batch")
     method: Literal["ghost", "jvp", "exact"] = opt(
-        "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic), exact (one backward per example; slow)")
+        "ghost", "row scores: ghost (hooks), jvp (forward-mode, generic; no per-example norms, so it needs "
+        "--data-score inner), exact (one backward per example; slow)")
     curvature: str = opt("", "safetensors file of c per parameter (default: RUN/warmup/exp_avg_sq.safetensors)")
     stats_dtype: Literal["float32", "float64"] = opt("float32", "dtype of the G / v / u accumulators")
-    # named scoring variants (docs/method.md §4 "Scoring variants"); the defaults are the paper's formulas
+    # the scoring formula (docs/method.md §4 "Scoring variants", "Defaults of the scores"): the defaults are LESS's
+    # form; --preset release sets the paper's (precondition none, data_params all, data_score inner, mean target)
     score_tokens: Literal["response", "answer"] = opt(
         "response", "tokens whose loss the SCORING passes use (target, anchors, pool): response = every "
         "response token the template trains (with the chat template's end-of-turn tokens); answer = the "
         "answer's own tokens only. Training is unaffected")
     data_score: Literal["inner", "cosine"] = opt(
-        "inner", "φ_data ranking score: inner = ⟨u, g_n⟩; cosine = ⟨u, g_n⟩ / ‖g_n‖ with exact per-example "
-        "gradient norms over all trainable parameters (needs --method ghost or exact)")
+        "cosine", "φ_data ranking score: cosine (default) = ⟨u, g_n⟩ / ‖g_n‖ with exact per-example gradient "
+        "norms over all trainable parameters (needs --method ghost or exact); inner = ⟨u, g_n⟩ (the paper's)")
     target_gradient: Literal["mean", "normalized"] = opt(
-        "mean", "v_new: mean = mean target gradient; normalized = (mean_q ‖g_q‖) · mean_q g_q/‖g_q‖, LESS's "
-        "normalised direction RESCALED to the mean gradient's typical size so that λ_prior keeps its meaning "
-        "(unscaled it is ~30x smaller than v_prior on SmolLM2 and the prior takes over); one extra target pass")
-    precondition: Literal["none", "adam", "adam-step"] = opt(
-        "none", "u: none = the paper's (an SGD step); adam = Adam's step: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) "
+        "normalized", "v_new: mean = mean target gradient (the paper's); normalized (default) = (mean_q ‖g_q‖) · "
+        "mean_q g_q/‖g_q‖, LESS's normalised direction RESCALED to the mean gradient's typical size so that "
+        "λ_prior keeps its meaning (unscaled it is ~30x smaller than v_prior on SmolLM2 and the prior takes over); "
+        "one extra target pass for ‖g_q‖ (by the ghost hooks, also under --method jvp; exact's with --method exact)")
+    precondition: Literal["auto", "none", "adam", "adam-step"] = opt(
+        "auto", "u: none = the paper's (an SGD step); adam = Adam's step: u = P⊙(ηv − ½η²c⊙P⊙G), P = 1/(√c + ε) "
         "from the warm-up's exp_avg_sq, as LESS preconditions its gradients; adam-step = the same with "
         "P = 1/(√(β2·c + (1−β2)·v²) + ε), the step v itself would take (bounded where the warm-up never moved a "
-        "coordinate, c ≈ 0); both need the warm-up's c, any order")
+        "coordinate, c ≈ 0); both need the warm-up's c, any order; auto (default) = adam-step when c exists (a "
+        "warm-up checkpoint or --curvature), else none (at θ0 there is no c); the value used is logged and "
+        "recorded in summary.json and settings.json")
     data_params: Literal["all", "linear"] = opt(
-        "all", "parameters φ_data sums over: all = every trainable one (the paper); linear = the transformer's "
-        "linear layers only (no embeddings, tied or untied output head, norms), as LESS's features; φ_param "
-        "keeps every parameter")
+        "linear", "parameters φ_data sums over: linear (default) = the transformer's linear layers only (no "
+        "embeddings, tied or untied output head, norms), as LESS's features; all = every trainable one (the "
+        "paper); φ_param keeps every parameter")
     loss_chunk: int = opt(0, "anchor pass (v_prior) only: both LM heads, the KL and the teacher's confidence on the "
                              "response positions only, N at a time, the student's recomputed in the backward (no "
                              "[batch, length, vocab] logits); 0 = full logits. Same v_prior up to float rounding")
@@ -91,16 +102,19 @@ class ScoreConfig(CommonConfig):
         require(self.data_score in ("inner", "cosine"), "data-score", self.data_score, "use inner or cosine")
         require(self.target_gradient in ("mean", "normalized"), "target-gradient", self.target_gradient,
                 "use mean or normalized")
-        require(self.precondition in ("none", "adam", "adam-step"), "precondition", self.precondition,
-                "use none, adam or adam-step")
+        require(self.precondition in PRECONDITIONS, "precondition", self.precondition,
+                "use auto, none, adam or adam-step")
         require(self.data_params in ("all", "linear"), "data-params", self.data_params, "use all or linear")
         require(self.sharding in ("auto", "none", "fsdp"), "sharding", self.sharding, "use auto, none or fsdp")
         require(not (self.sharding == "fsdp" and self.method != "ghost"), "method", self.method,
                 "--sharding fsdp scores rows with --method ghost only")
         require(not (self.sharding == "fsdp" and self.loss_chunk), "loss-chunk", self.loss_chunk,
                 "--sharding fsdp runs the whole model through FSDP's hooks: use --loss-chunk 0")
+        # the default ranking divides by ‖g_n‖, which forward mode cannot give: say so instead of falling back
         require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
-                "cosine needs per-example gradient norms: use --method ghost (default) or exact")
+                "cosine (the default ranking) divides by per-example gradient norms, which --method jvp cannot "
+                "compute: pass --data-score inner to score with jvp (the paper's ⟨u, g_n⟩ ranking), or use "
+                "--method ghost (default) or exact")
         # jvp's dual-number forward saves tensors that a recompute in the backward (outside the dual level)
         # does not save again: torch.utils.checkpoint raises CheckpointError (tried: order 1 with G)
         require(not (self.gradient_checkpointing and self.method == "jvp"), "method", self.method,
@@ -112,6 +126,15 @@ class ScoreConfig(CommonConfig):
         if self.method != "ghost":
             return f"--method {self.method}"
         return "--loss-chunk" if self.loss_chunk else None
+
+
+def resolve_precondition(requested: str, curvature_file: str | None) -> str:
+    """The preconditioner u is built with: ``--precondition auto`` is "adam-step" when the warm-up's Adam second
+    moment c exists (``curvature_file``: the warm-up's exp_avg_sq or --curvature), else "none" (scoring at θ0
+    has no c); an explicit value is kept (adam / adam-step without c are refused where c is loaded)."""
+    if requested != "auto":
+        return requested
+    return "adam-step" if curvature_file else "none"
 
 
 @dataclass(frozen=True)
@@ -137,7 +160,7 @@ class ScoringSettings:
     score_tokens: str          # scoring variants (docs/method.md §4): response | answer
     data_score: str            # inner | cosine
     target_gradient: str       # mean | normalized
-    precondition: str          # none | adam | adam-step
+    precondition: str          # none | adam | adam-step (as used: `auto` resolved, score.resolve_precondition)
     data_params: str           # all | linear
     assistant_turns: str       # chat records: last | all assistant turns carry loss
 
@@ -159,8 +182,9 @@ def load_settings(scores_dir: str | Path) -> ScoringSettings:
     folder = Path(scores_dir)
     path = folder / SETTINGS_FILE
     if path.exists():
-        # fields added later (the scoring variants) take `dualsft score`'s defaults in older files
-        defaults = asdict(ScoreConfig())
+        # fields added later (the scoring variants) take what those scores were made with (the paper's
+        # formula, UNRECORDED_SCORE), other missing fields `dualsft score`'s defaults
+        defaults = {**asdict(ScoreConfig()), **UNRECORDED_SCORE}
         saved = json.loads(path.read_text())
         return ScoringSettings(**{f.name: saved.get(f.name, defaults.get(f.name)) for f in fields(ScoringSettings)})
     meta = json.loads((folder / "metadata.json").read_text())
@@ -168,8 +192,9 @@ def load_settings(scores_dir: str | Path) -> ScoringSettings:
 
 
 def _from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """ScoringSettings fields from a scores metadata.json (its config over ScoreConfig's defaults)."""
-    defaults = asdict(ScoreConfig())
+    """ScoringSettings fields from a scores metadata.json (its config over ScoreConfig's defaults, the scoring
+    formula's over the paper's: such scores predate both the options and the change of default)."""
+    defaults = {**asdict(ScoreConfig()), **UNRECORDED_SCORE}
     config = {**defaults, "model": (meta.get("model") or {}).get("id") or defaults["model"],
               **(meta.get("config") or {})}
     names = [f.name for f in fields(ScoringSettings) if f.name != "scored_at"]
