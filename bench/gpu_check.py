@@ -165,7 +165,8 @@ def run_stages(model_dir: Path, run: Path, data: Path, args: argparse.Namespace)
                                                     loss_chunk=args.loss_chunk),
                    warm_n),
         "score": (score.main, score.ScoreConfig(**common, pool=str(data / "pool.jsonl"),
-                                                target=str(data / "val.jsonl"), batch_size=args.micro_batch),
+                                                target=str(data / "val.jsonl"), batch_size=args.micro_batch,
+                                                gradient_checkpointing=ckpt),
                   2 * args.pool + args.val),  # order 2: the G pass and the row pass over the pool, + V
         "select": (select.main, select.SelectConfig(run_dir=str(run), plot=False), 0),
         "train": (train.main, train.TrainConfig(**common, epochs=2, batch_size=args.micro_batch,
