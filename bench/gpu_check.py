@@ -165,7 +165,8 @@ def run_stages(model_dir: Path, run: Path, data: Path, args: argparse.Namespace)
                                                     loss_chunk=args.loss_chunk),
                    warm_n),
         "score": (score.main, score.ScoreConfig(**common, pool=str(data / "pool.jsonl"),
-                                                target=str(data / "val.jsonl"), batch_size=args.micro_batch),
+                                                target=str(data / "val.jsonl"), batch_size=args.micro_batch,
+                                                gradient_checkpointing=ckpt),
                   2 * args.pool + 2 * args.val),  # order 2: G pass + row pass over the pool; V twice (the
                   # default normalized target: a norm pass, then the weighted gradient pass); `dualsft score`'s
                   # default formula (LESS's form, Adam-step u from the warm-up's c), as users run it

@@ -211,19 +211,19 @@ def all_reduce_grads_(params: Mapping[str, torch.Tensor]) -> None:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few Python numbers across ranks (float64 on the wire); unchanged in a single process."""
-    if world_size() <= 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return _all_reduce_numbers(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
     """The largest of each number across ranks (float64 on the wire); unchanged in a single process."""
+    return _all_reduce_numbers(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce_numbers(values: list[float], op: dist.ReduceOp.RedOpType) -> list[float]:
     if world_size() <= 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 

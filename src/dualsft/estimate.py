@@ -13,7 +13,10 @@ What is counted (bytes; P parameters, k = --k-fraction·P selected entries, N = 
     gradient (transient) P × weight bytes: one dense backward of all weights at a time (score, warm-up)
     statistics           float32 v, c, G, u: 4 × 4 bytes × P, then by --stats: replicated (×1),
                          sharded by parameter across ranks (÷N), offload (0 on the device, in CPU RAM)
-    scoring extras       float32 v_new, v_prior, φ_param held by today's orchestrator: 3 × 4 × P (same --stats)
+    scoring extras       float32 φ_param: 4 × P (same --stats); v_new and v_prior are folded into v before the
+                         pool pass and freed, so at the peak (the end of the pool pass) the orchestrator holds
+                         v, c, G, u and φ_param (20 bytes × P); under FSDP2 with bf16 weights the u slots add
+                         a bf16 copy of u's rows (2 × P / N), with float32 weights u reads the slots' rows
     sparse state         SparseAdamW: exp_avg 4 + exp_avg_sq 4 + accumulator 4 + int32 index 4
                          (+ float32 master 4 for bf16 weights) bytes × k, replicated (k is small)
     dense grad (sparse)  the largest tensor × weight bytes: the hook gathers then frees each dense grad
@@ -186,11 +189,12 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
             "gradients": int(wb * P / N), "adam_moments": int(2 * wb * P / N), "activations": acts_sdpa},
         "score (ghost/jvp rows, anchor pass)": {
             "weights": wb * P, "teacher_theta0": wb * P, "gradient_transient": wb * P,
-            "statistics_v_c_G_u": int(16 * P * share), "scoring_extras": int(12 * P * share), "activations": acts},
+            "statistics_v_c_G_u": int(16 * P * share), "scoring_extras": int(4 * P * share), "activations": acts},
         "score (FSDP2, --sharding fsdp)": {
             "weights": int(wb * P / N), "teacher_theta0": int(wb * P / N), "gradient_shards": int(wb * P / N),
             "gathered_layer_and_u": 2 * gathered, "root_unit_and_u": 2 * wb * m.outside_layers,
-            "statistics_v_c_G_u": int(16 * P / N), "scoring_extras": int(12 * P / N), "activations": acts_score},
+            "statistics_v_c_G_u": int(16 * P / N), "scoring_extras": int(4 * P / N),
+            "u_slots": int(wb * P / N) if wb != 4 else 0, "activations": acts_score},
         "train sparse (SparseAdamW, k entries)": {
             "weights": wb * P, "sparse_state": sparse_per_entry * k, "dense_grad_transient": wb * m.largest_tensor,
             "activations": acts_sdpa},
@@ -209,8 +213,8 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
 
 
 def cpu_bytes(m: ModelDims, cfg: EstimateConfig) -> int:
-    """Host RAM per node for offloaded statistics (16 + 12 bytes per entry), 0 otherwise."""
-    return 28 * m.params if cfg.stats == "offload" else 0
+    """Host RAM per node for offloaded statistics (16 + 4 bytes per entry: v, c, G, u, φ_param), 0 otherwise."""
+    return 20 * m.params if cfg.stats == "offload" else 0
 
 
 def render(m: ModelDims, cfg: EstimateConfig, stages: dict[str, dict[str, int]]) -> str:
