@@ -49,6 +49,8 @@ Template = Literal["chat", "plain", "release"]
 # "Defaults of the scores"); `--preset release` and compare's `dualsft@paper` set these values.
 PAPER_SCORE: dict[str, str] = {"precondition": "none", "data_params": "all", "data_score": "inner",
                                "target_gradient": "mean"}
+# what scores made before a scoring option was recorded were made with: the paper's formula (the defaults then)
+UNRECORDED_SCORE: dict[str, str] = {"score_tokens": "response", **PAPER_SCORE}
 PRESETS: dict[str, dict[str, Any]] = {
     # the authors' release: plain prompt + "\n" + response, no end token, prompt masked by its own tokenisation;
     # |φ_param| top-k with 20%/20% quotas; no gradient clipping; v_prior divided by max(Σw, 1); the paper's

@@ -174,7 +174,6 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
     share = {"replicated": 1.0, "sharded": 1.0 / N, "offload": 0.0}[cfg.stats]
     eager = cfg.attention == "eager"  # scoring with --method jvp, which refuses --gradient-checkpointing
     acts = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, eager, cfg.gradient_checkpointing and not eager)
-    acts_score = acts
     acts_sdpa = activation_bytes(m, cfg.batch_size, cfg.seq_len, wb, False, cfg.gradient_checkpointing,
                                  cfg.loss_chunk)
     k = int(cfg.k_fraction * P)
@@ -194,7 +193,7 @@ def stage_memory(m: ModelDims, cfg: EstimateConfig) -> dict[str, dict[str, int]]
             "weights": int(wb * P / N), "teacher_theta0": int(wb * P / N), "gradient_shards": int(wb * P / N),
             "gathered_layer_and_u": 2 * gathered, "root_unit_and_u": 2 * wb * m.outside_layers,
             "statistics_v_c_G_u": int(16 * P / N), "scoring_extras": int(4 * P / N),
-            "u_slots": int(wb * P / N) if wb != 4 else 0, "activations": acts_score},
+            "u_slots": int(wb * P / N) if wb != 4 else 0, "activations": acts},
         "train sparse (SparseAdamW, k entries)": {
             "weights": wb * P, "sparse_state": sparse_per_entry * k, "dense_grad_transient": wb * m.largest_tensor,
             "activations": acts_sdpa},

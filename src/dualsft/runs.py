@@ -23,7 +23,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from dualsft.config import PAPER_SCORE, PATH_OPTIONS
+from dualsft.config import PATH_OPTIONS, UNRECORDED_SCORE
 from dualsft.errors import ArtifactError, MetadataMismatchError
 from dualsft.io import read_json, write_json
 
@@ -32,10 +32,10 @@ VOLATILE = ("created", "versions", "host", "wall_time_s", "resumable")
 # Options added after run folders existed, with the value that reproduces what those folders did: a record
 # (stage metadata, checkpoint settings) that lacks one matches a new record holding exactly that value, at
 # any nesting level, so adding an option never orphans older run folders or checkpoints.
-# The scoring-formula options were added with the paper's values as their defaults (PAPER_SCORE; the defaults
-# are LESS's form since issue 13): a scores record without them was made with the paper's formula.
+# The scoring-formula options were added with the paper's values as their defaults (UNRECORDED_SCORE; the
+# defaults are LESS's form since issue 13): a scores record without them was made with the paper's formula.
 ADDED_OPTIONS: dict[str, Any] = {"gradient_checkpointing": False, "loss_chunk": 0, "sharding": "none",
-                                 "score_tokens": "response", **PAPER_SCORE}
+                                 **UNRECORDED_SCORE}
 
 
 def portable_path(path: str | os.PathLike) -> str:

@@ -106,8 +106,7 @@ def sharded_pass(name: str, examples: Sequence[TokenizedExample], step: Step, su
             PassCheckpoint(progress_dir, name, every, len(shard_batches), aligned=bool(presummed)))
     with tqdm(total=len(mine), unit="ex", desc=name, disable=not dist.is_main()) as bar:
         res = run_pass(shard_batches, _skip_filler(_with_index(step), presummed), sums, progress=bar, checkpoint=ckpt)
-    local = {n: t for n, t in res.sums.items() if n not in presummed}
-    res.sums.update(dist.all_reduce_dict_(local))
+    dist.all_reduce_dict_({n: t for n, t in res.sums.items() if n not in presummed})  # in place: res.sums's tensors
     res.rows = gather_in_order(res.rows, examples, row_names)
     record_time(timings, name, len(examples), time.perf_counter() - t0)
     return res

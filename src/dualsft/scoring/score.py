@@ -426,7 +426,7 @@ def score_summary(cfg: ScoreConfig, inp: ScoringInputs, stats: dict[str, Any], r
         "sum_data": float(rows["scores"].sum()),  # Σ ⟨u, g_n⟩ (the INNER scores, whatever --data-score ranks)
         # Σ_n ⟨u_R, g_n⟩ = Σ_{j∈R} φ_param_j: equals sum_param when --data-params all
         "sum_param_rows": totals["sum_param_rows"],
-        # v_new, v_prior, c, G, u, v, φ_param (and the u slots under fsdp) as each rank holds them
+        # c, G, u, v, φ_param (and the u slots' rows under fsdp) as each rank holds them at the end
         "statistics_bytes_per_rank": totals["statistics_bytes_per_rank"],
         "score_tokens": cfg.score_tokens, "data_score": cfg.data_score, "target_gradient": cfg.target_gradient,
         # the preconditioner used (auto resolved by whether c exists) and the one asked for

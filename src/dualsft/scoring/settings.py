@@ -15,13 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from dualsft.config import PAPER_SCORE, CommonConfig, opt, require
+from dualsft.config import UNRECORDED_SCORE, CommonConfig, opt, require
 from dualsft.io import write_json
 
 SETTINGS_FILE = "settings.json"
 PRECONDITIONS = ("auto", "none", "adam", "adam-step")
-# what scores made before a scoring option was recorded were made with: the paper's formula (the defaults then)
-UNRECORDED_SCORE = {"score_tokens": "response", **PAPER_SCORE}
 
 
 @dataclass(frozen=True)
@@ -106,10 +104,10 @@ class ScoreConfig(CommonConfig):
                 "use auto, none, adam or adam-step")
         require(self.data_params in ("all", "linear"), "data-params", self.data_params, "use all or linear")
         require(self.sharding in ("auto", "none", "fsdp"), "sharding", self.sharding, "use auto, none or fsdp")
-        require(not (self.sharding == "fsdp" and self.method != "ghost"), "method", self.method,
-                "--sharding fsdp scores rows with --method ghost only")
-        require(not (self.sharding == "fsdp" and self.loss_chunk), "loss-chunk", self.loss_chunk,
-                "--sharding fsdp runs the whole model through FSDP's hooks: use --loss-chunk 0")
+        blocker = self.scoring_blocker()  # the one list of what FSDP2 scoring does not run (auto falls back)
+        require(not (self.sharding == "fsdp" and blocker), "sharding", self.sharding,
+                f"FSDP2 scoring does not support {blocker} (rows need --method ghost; --loss-chunk calls the "
+                "decoder and head apart from FSDP's hooks): use --sharding none, or auto")
         # the default ranking divides by ‖g_n‖, which forward mode cannot give: say so instead of falling back
         require(not (self.data_score == "cosine" and self.method == "jvp"), "data-score", self.data_score,
                 "cosine (the default ranking) divides by per-example gradient norms, which --method jvp cannot "
@@ -160,7 +158,7 @@ class ScoringSettings:
     score_tokens: str          # scoring variants (docs/method.md §4): response | answer
     data_score: str            # inner | cosine
     target_gradient: str       # mean | normalized
-    precondition: str          # none | adam | adam-step (as used: `auto` resolved, score.resolve_precondition)
+    precondition: str          # none | adam | adam-step (as used: `auto` resolved by resolve_precondition)
     data_params: str           # all | linear
     assistant_turns: str       # chat records: last | all assistant turns carry loss
 

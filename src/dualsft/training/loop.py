@@ -211,7 +211,6 @@ def check_settings(settings: TrainSettings) -> None:
         raise ConfigError(f"unknown --method {settings.method!r}; use one of {sorted(DEFAULT_LR)}")
     if settings.loss_chunk < 0:
         raise ConfigError(f"--loss-chunk must be >= 0 (0 = full logits), got {settings.loss_chunk}")
-    resolve_sharding(settings.sharding, training_blocker(settings.method, settings.loss_chunk))  # raises if unusable
 
 
 def build_updater(model: torch.nn.Module, mask: dict[str, torch.Tensor] | None,
@@ -315,6 +314,7 @@ def train_restricted(model: torch.nn.Module, examples: Sequence[TokenizedExample
         TrainResult (``completed`` False if stopped early).
     """
     check_settings(settings)
+    # "auto" -> none | fsdp; an unusable explicit value (or an unknown one) raises here
     settings = replace(settings, sharding=resolve_sharding(settings.sharding,
                                                            training_blocker(settings.method, settings.loss_chunk)))
     if not examples:
